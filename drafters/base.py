@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from drafters.errors import DraftsmithError
+
 FORMAT = "draftsmith"
 FORMAT_VERSION = 1
 
@@ -102,7 +104,7 @@ class DrafterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names - {"kind"})
         if unknown:
-            raise ValueError(f"unknown {cls.kind} drafter option(s): {', '.join(unknown)}")
+            raise DraftsmithError(f"unknown {cls.kind} drafter option(s): {', '.join(unknown)}")
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
@@ -118,7 +120,7 @@ def register(cls: type[Drafter]) -> type[Drafter]:
 def drafter_class(kind: str) -> type[Drafter]:
     if kind not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise ValueError(f"unknown drafter kind {kind!r}; known kinds: {known}")
+        raise DraftsmithError(f"unknown drafter kind {kind!r}; known kinds: {known}")
     return _REGISTRY[kind]
 
 
@@ -184,10 +186,11 @@ class Drafter(nn.Module):
         directory = resolve_export(path_or_hub_id)
         config = json.loads((directory / "config.json").read_text())
         if config.get("format") != FORMAT:
-            raise ValueError(f"{directory}/config.json is not a draftsmith export (format={config.get('format')!r})")
+            found = config.get("format")
+            raise DraftsmithError(f"{directory}/config.json is not a draftsmith export (format={found!r})")
         saved_hash = config.get("tokenizer_hash")
         if tokenizer_hash and saved_hash and saved_hash != tokenizer_hash:
-            raise ValueError(
+            raise DraftsmithError(
                 f"drafter {path_or_hub_id} was trained for a target with tokenizer {saved_hash[:12]}, "
                 f"but this target's tokenizer is {tokenizer_hash[:12]}: evaluate it with its own target "
                 f"({config.get('target', {}).get('name', 'see its config.json')})"
@@ -195,7 +198,7 @@ class Drafter(nn.Module):
         values = dict(config["drafter"])
         kind_cls = drafter_class(values.pop("kind"))
         if cls is not Drafter and not issubclass(kind_cls, cls):
-            raise ValueError(f"{path_or_hub_id} holds a {kind_cls.__name__}, not a {cls.__name__}")
+            raise DraftsmithError(f"{path_or_hub_id} holds a {kind_cls.__name__}, not a {cls.__name__}")
         drafter = kind_cls(kind_cls.config_class.from_dict(values))
         if target is not None:
             drafter.bind(target)
@@ -209,7 +212,7 @@ def resolve_export(path_or_hub_id: str | Path) -> Path:
     path = Path(path_or_hub_id)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: not a draftsmith export folder")
+            raise DraftsmithError(f"{path} has no config.json: not a draftsmith export folder")
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -217,7 +220,7 @@ def resolve_export(path_or_hub_id: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors", "*.md"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        raise FileNotFoundError(
+        raise DraftsmithError(
             f"drafter {path_or_hub_id!r} is neither a local export folder nor a reachable Hub repo "
             f"({type(err).__name__}); pass the path of an export folder"
         ) from None

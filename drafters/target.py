@@ -179,6 +179,8 @@ def _hub_folder(spec: TargetSpec) -> tuple[Path, str]:
 def load_target(spec: str | Mapping[str, Any] | TargetSpec = DEFAULT_TARGET) -> Target:
     """Load a frozen target (eval mode, no gradients) with its tokenizer and identity."""
     spec = spec if isinstance(spec, TargetSpec) else TargetSpec.from_any(spec)
+    device = resolve_device(spec.device)  # config mistakes first, before any slow fetch or conversion
+    dtype = resolve_dtype(spec.dtype, device)
     if spec.gguf_package:
         gguf = _gguf_path(spec)
         weights_hash = file_hash(gguf)
@@ -196,8 +198,6 @@ def load_target(spec: str | Mapping[str, Any] | TargetSpec = DEFAULT_TARGET) -> 
         AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as err:
         raise DraftsmithError(f"target folder {folder} is not a transformers model ({err})") from None
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
