@@ -1,0 +1,303 @@
+"""Amphista (Li et al., NAACL 2025): Medusa heads that see each other, on adapted target features.
+
+Data flow for position t (h_t = the target's last hidden state, after its final norm; x_{t+1} = the token
+that follows, i.e. the token the target chose from h_t):
+
+1. Fusion: ``f_t = Linear([h_t ; emb(x_{t+1})])`` with the target's own input embeddings (borrowed, frozen).
+2. Staged Adaptation Layers: a causal stack of pre-norm transformer decoder layers over f_0..f_t.
+   Choice: stages are *cumulative*: stage s is the output after ``s * layers_per_stage`` layers of one
+   stack (stage 2 continues from stage 1), so S stages cost S * layers_per_stage layers, not S(S+1)/2.
+   Choice: the layers are self-written (RMSNorm, multi-head attention with RoPE, GELU MLP), so decoding
+   keeps its own incremental KV cache: every position t < L-1 is final once computed, because x_{t+1} is
+   already verified.
+3. Heads are split into S contiguous groups, as even as possible, earlier groups taking the remainder
+   (4 heads, 2 stages: heads 1-2 read stage 1, heads 3-4 read stage 2).
+4. Auto-embedding Block: slot k = its group's stage output + learned position embedding k; one
+   bidirectional transformer encoder layer (torch's ``nn.TransformerEncoderLayer``, pre-norm, GELU) runs
+   over the K slots of a position, so every head sees every other head.
+5. Slot k -> head k (``head_layers`` residual blocks, then the vocab projection) -> logits. Head k
+   (1-based) predicts x_{t+k+1}, like Medusa's head k.
+
+Choices the paper leaves open (config field, default):
+- ``num_heads`` = 4, ``num_stages`` = 2, ``layers_per_stage`` = 1, ``head_layers`` = 1.
+- ``dim`` = None (the target's hidden size); ``attention_heads`` = 8; ``ffn_size`` = None (2 x dim);
+  ``rope_base`` = 10000; ``dropout`` = 0.
+- ``identity_init`` = True: the fusion starts as [I 0], every residual branch's output projection and the
+  slot position embeddings start at zero, so a fresh Amphista computes exactly what a fresh Medusa does
+  (every head = the target's own head) and training starts from there. Needs dim == hidden size.
+- ``share_lm_head`` = True (borrowed, frozen target head; False = a trainable copy per head).
+- ``loss_type`` = "ce": cross-entropy on the target-written tokens; "kl" = KL(target || head) to the
+  target's distribution, which needs the target's logits in the features (``TargetNeeds(logits=True)``).
+- ``loss_decay`` = 0.8 (weights 0.8**(k-1)); ``tree`` / ``tree_nodes`` = 63 / ``tree_topk`` = 10 as Medusa.
+- ``hidden_size`` / ``vocab_size`` = None: taken from the target when the drafter is first bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, TargetNeeds, register
+from drafters.errors import DraftsmithError
+from drafters.layers import Borrowed, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
+from drafters.trees import TreeMixin, tree_draft
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class AmphistaConfig(DrafterConfig):
+    kind: ClassVar[str] = "amphista"
+
+    num_heads: int = 4
+    num_stages: int = 2
+    layers_per_stage: int = 1
+    head_layers: int = 1
+    dim: int | None = None
+    attention_heads: int = 8
+    ffn_size: int | None = None
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    identity_init: bool = True
+    share_lm_head: bool = True
+    loss_type: str = "ce"
+    loss_decay: float = 0.8
+    tree: list[list[int]] | None = None
+    tree_nodes: int = 63
+    tree_topk: int = 10
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_stages <= self.num_heads:
+            raise DraftsmithError(
+                f"amphista needs 1 <= num_stages <= num_heads, got {self.num_stages} and {self.num_heads}"
+            )
+        if self.layers_per_stage < 1 or self.head_layers < 0 or self.tree_topk < 1:
+            raise DraftsmithError("amphista needs layers_per_stage >= 1, head_layers >= 0 and tree_topk >= 1")
+        if self.loss_type not in ("ce", "kl"):
+            raise DraftsmithError(f"amphista loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
+        if self.tree is not None:
+            self.tree = [[int(r) for r in path] for path in self.tree]
+
+    def head_groups(self) -> list[int]:
+        """Stage index each head reads: contiguous groups, earlier groups one larger when K % S != 0."""
+        sizes = [len(group) for group in torch.arange(self.num_heads).tensor_split(self.num_stages)]
+        return [stage for stage, size in enumerate(sizes) for _ in range(size)]
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE on ``x [B, heads, T, head_dim]`` at ``positions [B, T]`` (rotate-half layout)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions[:, None, :, None].float() * freqs
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class CausalLayer(nn.Module):
+    """Pre-norm decoder layer: RMSNorm -> causal self-attention with RoPE -> RMSNorm -> GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, rope_base: float, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.rope_base, self.dropout = heads, rope_base, dropout
+        self.attn_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim), nn.Dropout(dropout))
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: KeyValue | None = None
+    ) -> tuple[torch.Tensor, KeyValue]:
+        """``x [B, T, D]``; ``mask [B, 1, T, past + T]`` (True = may attend); returns the output and the
+        keys/values of past + these positions."""
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = rotate(q, positions, self.rope_base), rotate(k, positions, self.rope_base)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.attn_out(attended.transpose(1, 2).reshape(batch, length, dim))
+        return x + self.mlp(self.mlp_norm(x)), (k, v)
+
+
+@register
+class AmphistaDrafter(TreeMixin, Drafter):
+    config_class = AmphistaConfig
+    config: AmphistaConfig
+
+    def __init__(self, config: AmphistaConfig) -> None:
+        super().__init__(config)
+        self.borrowed = Borrowed()
+        self.groups = config.head_groups()
+        self._cache: list[KeyValue] = []
+        self._cached_positions = 0
+        self.built = False
+        if config.hidden_size is not None and (config.share_lm_head or config.vocab_size is not None):
+            self._build()
+        self.draft_tree()
+
+    def _build(self) -> None:
+        c = self.config
+        hidden = c.hidden_size
+        dim = c.dim or hidden
+        ffn = c.ffn_size or 2 * dim
+        if dim % c.attention_heads or (dim // c.attention_heads) % 2:
+            raise DraftsmithError(f"dim={dim} must split into attention_heads={c.attention_heads} heads of even size")
+        if c.identity_init and dim != hidden:
+            raise DraftsmithError(
+                f"identity_init needs dim == hidden size ({hidden}); set dim=null or identity_init=false"
+            )
+        self.fuse = nn.Linear(2 * hidden, dim)
+        self.layers = nn.ModuleList(
+            CausalLayer(dim, c.attention_heads, ffn, c.rope_base, c.dropout)
+            for _ in range(c.num_stages * c.layers_per_stage)
+        )
+        self.slot_positions = nn.Parameter(torch.randn(c.num_heads, dim) * 0.02)
+        self.auto_embedding = nn.TransformerEncoderLayer(
+            dim, c.attention_heads, ffn, c.dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.to_hidden = nn.Identity() if dim == hidden else nn.Linear(dim, hidden, bias=False)
+        self.heads = VocabHeads(c.num_heads, hidden, c.head_layers, c.vocab_size or 0, c.share_lm_head)
+        if c.identity_init:
+            self._init_identity()
+        self.built = True
+
+    @torch.no_grad()
+    def _init_identity(self) -> None:
+        hidden = self.config.hidden_size
+        self.fuse.weight.zero_()
+        self.fuse.weight[:, :hidden].copy_(torch.eye(hidden))
+        self.fuse.bias.zero_()
+        self.slot_positions.zero_()
+        residual_outputs = [self.auto_embedding.self_attn.out_proj, self.auto_embedding.linear2]
+        for layer in self.layers:
+            residual_outputs += [layer.attn_out, layer.mlp[2]]
+        for linear in residual_outputs:
+            linear.weight.zero_()
+            if linear.bias is not None:
+                linear.bias.zero_()
+
+    def target_needs(self) -> TargetNeeds:
+        return TargetNeeds(hidden_layers=(-1,), logits=self.config.loss_type == "kl")
+
+    def bind(self, target: nn.Module) -> None:
+        weight = borrow_lm_head(self.borrowed, target)
+        embeddings = target.get_input_embeddings().weight
+        vocab, hidden = weight.shape
+        if embeddings.shape[1] != hidden:
+            raise DraftsmithError(
+                f"amphista needs embeddings as wide as the hidden state; {type(target).__name__} differs"
+            )
+        self.borrowed.set("embeddings", embeddings)
+        for name, have in (("hidden_size", hidden), ("vocab_size", vocab)):
+            wanted = getattr(self.config, name)
+            if wanted is not None and wanted != have:
+                raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
+            setattr(self.config, name, have)
+        if not self.built:
+            self._build()
+            self.to(weight.device)
+        self.heads.init_copies(weight)
+
+    def _borrowed(self, name: str) -> torch.Tensor:
+        if not self.built:
+            raise DraftsmithError("the Amphista drafter is not built yet: call drafter.bind(target_model) first")
+        return self.borrowed.get(name, self.fuse.weight.device, self.fuse.weight.dtype)
+
+    def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bias = self._borrowed("lm_head_bias") if "lm_head_bias" in self.borrowed else None
+        return self._borrowed("lm_head"), bias
+
+    def _slots(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """Auto-embedding Block: per position, the K head slots attend to each other. ``stages`` hold
+        ``[..., D]`` each; returns ``[..., K, H]``."""
+        slots = torch.stack([stages[group] for group in self.groups], dim=-2) + self.slot_positions
+        lead = slots.shape[:-2]
+        mixed = self.auto_embedding(slots.reshape(-1, *slots.shape[-2:]))
+        return self.to_hidden(mixed.reshape(*lead, *mixed.shape[-2:]))
+
+    def _stages(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: bool) -> list[torch.Tensor]:
+        stages = []
+        for index, layer in enumerate(self.layers):
+            past = self._cache[index] if cache else None
+            x, present = layer(x, positions, mask, past)
+            if cache:
+                self._cache[index] = present
+            if (index + 1) % self.config.layers_per_stage == 0:
+                stages.append(x)
+        return stages
+
+    # -- training ------------------------------------------------------------------------------
+
+    def head_features(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Every head's input ``[B, T-1, K, H]`` for positions 0..T-2 (position T-1 has no next token)."""
+        embeddings = self._borrowed("embeddings")
+        x = self.fuse(torch.cat([hidden[:, :-1], F.embedding(input_ids[:, 1:], embeddings)], dim=-1))
+        inside = attention_mask[:, :-1].bool()
+        positions = (inside.long().cumsum(1) - 1).clamp_min(0)
+        length = x.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        # Padding queries may still see themselves, so no row is fully masked (which would give NaN).
+        mask = (causal & inside[:, None, :]) | torch.eye(length, dtype=torch.bool, device=x.device)
+        return self._slots(self._stages(x, positions, mask[:, None], cache=False))
+
+    def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
+        lm_head, bias = self._lm_head()
+        hidden = check_batch(batch, features, needs_logits=self.config.loss_type == "kl").to(lm_head.dtype)
+        slots = self.head_features(hidden, batch["input_ids"], batch["attention_mask"])
+
+        def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.heads.head_logits(k - 1, slots[rows, positions, k - 1], lm_head, bias)
+
+        target_logits = features["logits"] if self.config.loss_type == "kl" else None
+        c = self.config
+        return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self._cache = []
+        self._cached_positions = 0
+
+    @torch.no_grad()
+    def draft_logits(self, state: DecodeState) -> torch.Tensor:
+        """Every head's logits ``[K, V]`` at the position that produced the root token.
+
+        Runs the adaptation layers only over positions not yet in this drafter's cache (at least the last
+        one, so a repeated call is consistent), then the slots and heads at the last position only.
+        """
+        hidden = state.hidden[-1]
+        count = hidden.shape[0]  # positions 0..L-2; position t pairs h_t with tokens[t+1]
+        start = min(self._cached_positions, state.new_from, count - 1)
+        if start == 0:
+            self._cache = [None] * len(self.layers)
+        else:  # positions from `start` on are recomputed: drop what the cache holds for them
+            self._cache = [(keys[:, :, :start], values[:, :, :start]) for keys, values in self._cache]
+        lm_head, bias = self._lm_head()
+        embeddings = self._borrowed("embeddings")
+        new_tokens = state.tokens[start + 1 : count + 1].to(embeddings.device)
+        x = self.fuse(torch.cat([hidden[start:count].to(lm_head), F.embedding(new_tokens, embeddings)], dim=-1))
+        positions = torch.arange(start, count, device=x.device)
+        mask = positions[:, None] >= torch.arange(count, device=x.device)[None, :]
+        stages = self._stages(x[None], positions[None], mask[None, None], cache=True)
+        self._cached_positions = count
+        slots = self._slots([stage[0, -1] for stage in stages])
+        return self.heads.all_logits(slots, lm_head, bias)
+
+    def propose(self, state: DecodeState) -> Draft:
+        if state.hidden[-1].shape[0] == 0:
+            return Draft.empty()
+        tree = self.draft_tree()
+        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
+        return tree_draft(tree, topk_tokens)

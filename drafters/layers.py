@@ -1,0 +1,178 @@
+"""Building blocks shared by the multi-head drafters (Medusa, Amphista): the Medusa head, the weights
+they borrow from the frozen target, and their common training loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drafters.errors import DraftsmithError
+
+
+class ResidualBlock(nn.Module):
+    """``x + SiLU(W x + b)``. W and b start at zero, so a fresh block is exactly the identity (Medusa's
+    head block; the reference code zeroes W only, the bias too here so the identity is exact)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class Borrowed:
+    """Frozen tensors borrowed from the target (LM head, input embeddings).
+
+    A plain object, not a module: what it holds never enters ``state_dict``, ``parameters()`` or the
+    optimizer. `get` returns a tensor on the device and in the dtype the drafter runs in, converting at
+    most once per (device, dtype) and reusing the target's own tensor when they already match.
+    """
+
+    def __init__(self) -> None:
+        self._source: dict[str, torch.Tensor] = {}
+        self._converted: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._source
+
+    def set(self, name: str, tensor: torch.Tensor) -> None:
+        self._source[name] = tensor.detach()
+        self._converted = {key: t for key, t in self._converted.items() if key[0] != name}
+
+    def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self._source:
+            raise DraftsmithError(f"the drafter has no {name} yet: call drafter.bind(target_model) first")
+        key = (name, torch.device(device), dtype)
+        if key not in self._converted:
+            self._converted[key] = self._source[name].to(device=device, dtype=dtype)
+        return self._converted[key]
+
+
+def borrow_lm_head(borrowed: Borrowed, target: nn.Module) -> torch.Tensor:
+    """Put the target's output projection (and its bias, if any) into ``borrowed``; return the weight."""
+    head = target.get_output_embeddings()
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise DraftsmithError(f"{type(target).__name__} has no output embeddings (LM head) to share with a drafter")
+    borrowed.set("lm_head", head.weight)
+    if getattr(head, "bias", None) is not None:
+        borrowed.set("lm_head_bias", head.bias)
+    return head.weight
+
+
+class VocabHeads(nn.Module):
+    """K Medusa heads: ``num_layers`` ResidualBlocks each, then a vocabulary projection.
+
+    The projection is the target's LM head (borrowed, frozen; ``share_lm_head=True``) or a trainable
+    copy per head, initialised from the target's head by `init_copies` the first time the drafter is
+    bound. A bias of the target's head, if it has one, is always the target's own (borrowed).
+    """
+
+    def __init__(self, num_heads: int, dim: int, num_layers: int, vocab_size: int, share_lm_head: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResidualBlock(dim) for _ in range(num_layers))) for _ in range(num_heads)
+        )
+        self.share_lm_head = share_lm_head
+        if not share_lm_head:
+            self.projections = nn.Parameter(torch.zeros(num_heads, vocab_size, dim))
+            # Saved with the weights, so binding a trained drafter to its target never overwrites its copies.
+            self.register_buffer("copies_initialised", torch.tensor(False))
+
+    def init_copies(self, lm_head_weight: torch.Tensor) -> None:
+        if self.share_lm_head or bool(self.copies_initialised):
+            return
+        if lm_head_weight.shape != self.projections.shape[1:]:
+            raise DraftsmithError(
+                f"the drafter's own vocab projections are {tuple(self.projections.shape[1:])} but the target's "
+                f"LM head is {tuple(lm_head_weight.shape)}: this drafter was made for another target"
+            )
+        with torch.no_grad():
+            self.projections.copy_(lm_head_weight.to(self.projections)[None].expand_as(self.projections))
+            self.copies_initialised.fill_(True)
+
+    def _weight(self, head: int | None, lm_head: torch.Tensor) -> torch.Tensor:
+        if self.share_lm_head:
+            return lm_head
+        return self.projections if head is None else self.projections[head]
+
+    def head_logits(
+        self, head: int, x: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits ``[..., V]`` of head ``head`` (0-based) for features ``x [..., dim]``."""
+        return F.linear(self.blocks[head](x), self._weight(head, lm_head), bias)
+
+    def all_logits(self, x: torch.Tensor, lm_head: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[K, V]`` of every head, head k reading row k of ``x [K, dim]``."""
+        features = torch.stack([block(row) for block, row in zip(self.blocks, x)])
+        if self.share_lm_head:
+            return F.linear(features, lm_head, bias)
+        logits = torch.einsum("kd,kvd->kv", features, self.projections)
+        return logits if bias is None else logits + bias
+
+
+def check_batch(batch: dict[str, torch.Tensor], features: dict[str, Any], needs_logits: bool) -> torch.Tensor:
+    """The last hidden state ``[B, T, H]`` after checking that batch and features fit the loss contract."""
+    missing = [key for key in ("input_ids", "attention_mask", "loss_mask") if key not in batch]
+    if missing:
+        raise DraftsmithError(f"the training batch lacks {', '.join(missing)}: the data collator must provide them")
+    hidden = features.get("hidden", {}).get(-1)
+    if hidden is None:
+        raise DraftsmithError("features lack hidden[-1] (the target's last hidden state): compute it for this drafter")
+    shape = tuple(batch["input_ids"].shape)
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
+        raise DraftsmithError(f"hidden[-1] is {tuple(hidden.shape)} but input_ids is {shape}: they must align")
+    if needs_logits and "logits" not in features:
+        raise DraftsmithError("loss_type=kl needs the target's logits in the features: enable them or use loss_type=ce")
+    return hidden
+
+
+def multi_head_loss(
+    head_logits: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    num_heads: int,
+    decay: float,
+    topk: int,
+    target_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """``sum_k decay**(k-1) * L_k`` where L_k is head k's mean loss over its counted positions.
+
+    Head k (1-based) at position t predicts token t+k+1. Position t counts for head k when that label
+    token is target-written (``loss_mask``) and both t and the label lie inside ``attention_mask``.
+    ``head_logits(k, b, t)`` gives head k's logits ``[N, V]`` at batch rows b and positions t.
+    L_k is cross-entropy on the label tokens, or, with ``target_logits [B, T, V]``, KL(target || head)
+    where the target's distribution for token t+k+1 comes from its logits at position t+k.
+    Also returns ``acc [K]`` (top-1), ``topk_hits [K, R]`` (label found at rank r) and ``n [K]``.
+    """
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"].bool()
+    inside = batch["attention_mask"].bool()
+    seq_len = input_ids.shape[1]
+    terms, hits, counts = [], [], []
+    for k in range(1, num_heads + 1):
+        offset = k + 1
+        span = max(seq_len - offset, 0)
+        counted = inside[:, :span] & inside[:, offset:] & loss_mask[:, offset:]
+        rows, positions = counted.nonzero(as_tuple=True)
+        labels = input_ids[rows, positions + offset]
+        logits = head_logits(k, rows, positions).float()
+        if labels.numel() == 0:
+            term = logits.sum() * 0.0  # keeps the graph: a batch without counted positions still backpropagates
+        elif target_logits is None:
+            term = F.cross_entropy(logits, labels)
+        else:
+            reference = F.log_softmax(target_logits[rows, positions + k].float(), dim=-1)
+            term = F.kl_div(F.log_softmax(logits, dim=-1), reference, log_target=True, reduction="batchmean")
+        terms.append(decay ** (k - 1) * term)
+        ranks = min(topk, logits.shape[-1])
+        top = logits.detach().topk(ranks, dim=-1).indices
+        hit = (top == labels[:, None]).sum(0).float()
+        hits.append(F.pad(hit, (0, topk - ranks)))
+        counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
+    topk_hits, n = torch.stack(hits), torch.stack(counts)
+    return {"loss": torch.stack(terms).sum(), "acc": topk_hits[:, 0] / n.clamp_min(1), "topk_hits": topk_hits, "n": n}

@@ -1,0 +1,125 @@
+"""Medusa-1 (Cai et al. 2024): K extra decoding heads on the frozen target's last hidden state.
+
+Head k (1-based) reads h_t, the target's last hidden state (after its final norm) at position t, and
+guesses token t+k+1; the target's own head gives t+1. A head is ``num_layers`` residual blocks
+``x + SiLU(W x + b)`` (zero-initialised: a fresh head is the identity) followed by a vocabulary projection.
+Decoding takes each head's top-``tree_topk`` tokens at the root's position and hangs them in a sparse tree
+(`drafters.trees`), verified by the target in one forward.
+
+Choices the paper leaves open (config field, default):
+- ``num_heads`` = 4 (the paper uses 4 to 5); ``num_layers`` = 1 residual block per head.
+- ``share_lm_head`` = True: every head uses the target's LM head, borrowed and frozen (not saved); False
+  gives each head a trainable copy initialised from it (K x vocab x hidden more parameters).
+- ``loss_decay`` = 0.8: loss = sum_k 0.8**(k-1) CE_k, each CE_k the mean over head k's counted positions.
+- ``tree`` = None: the Medusa-paper greedy tree of ``tree_nodes`` nodes built from a prior (the paper's
+  Vicuna-7B head accuracies, `drafters.trees.prior_rank_acc`); `set_tree` stores a measured tree instead.
+- ``tree_nodes`` = 63 (the shipped Medusa trees); ``tree_topk`` = 10 candidates per head, also the ranks
+  ``loss`` counts hits at (``topk_hits``) so a tree can be built from validation counts.
+- ``hidden_size`` / ``vocab_size`` = None: taken from the target when the drafter is first bound.
+Medusa-2 (joint LoRA training of the target) is not part of this drafter.
+
+Use: ``MedusaDrafter(MedusaConfig())``, then ``bind(target_model)`` (builds the heads when the sizes came
+from the target) before training or decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, TargetNeeds, register
+from drafters.errors import DraftsmithError
+from drafters.layers import Borrowed, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
+from drafters.trees import TreeMixin, tree_draft
+
+
+@dataclass
+class MedusaConfig(DrafterConfig):
+    kind: ClassVar[str] = "medusa"
+
+    num_heads: int = 4
+    num_layers: int = 1
+    share_lm_head: bool = True
+    loss_decay: float = 0.8
+    tree: list[list[int]] | None = None
+    tree_nodes: int = 63
+    tree_topk: int = 10
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_layers < 0 or self.tree_topk < 1:
+            raise DraftsmithError("medusa needs num_heads >= 1, num_layers >= 0 and tree_topk >= 1")
+        if self.tree is not None:
+            self.tree = [[int(r) for r in path] for path in self.tree]
+
+
+@register
+class MedusaDrafter(TreeMixin, Drafter):
+    config_class = MedusaConfig
+    config: MedusaConfig
+
+    def __init__(self, config: MedusaConfig) -> None:
+        super().__init__(config)
+        self.borrowed = Borrowed()
+        self.heads: VocabHeads | None = None
+        if config.hidden_size is not None and (config.share_lm_head or config.vocab_size is not None):
+            self._build()
+        self.draft_tree()
+
+    def _build(self) -> None:
+        c = self.config
+        self.heads = VocabHeads(c.num_heads, c.hidden_size, c.num_layers, c.vocab_size or 0, c.share_lm_head)
+
+    def target_needs(self) -> TargetNeeds:
+        return TargetNeeds(hidden_layers=(-1,))
+
+    def bind(self, target: nn.Module) -> None:
+        weight = borrow_lm_head(self.borrowed, target)
+        vocab, hidden = weight.shape
+        for name, have in (("hidden_size", hidden), ("vocab_size", vocab)):
+            wanted = getattr(self.config, name)
+            if wanted is not None and wanted != have:
+                raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
+            setattr(self.config, name, have)
+        if self.heads is None:
+            self._build()
+            self.heads.to(weight.device)
+        self.heads.init_copies(weight)
+
+    def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        param = next(self.heads.parameters(), None) if self.heads is not None else None
+        if param is None:
+            raise DraftsmithError("the Medusa heads are not built yet: call drafter.bind(target_model) first")
+        bias = self.borrowed.get("lm_head_bias", param.device, param.dtype) if "lm_head_bias" in self.borrowed else None
+        return self.borrowed.get("lm_head", param.device, param.dtype), bias
+
+    # -- training ------------------------------------------------------------------------------
+
+    def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
+        lm_head, bias = self._lm_head()
+        hidden = check_batch(batch, features, needs_logits=False).to(lm_head.dtype)
+
+        def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.heads.head_logits(k - 1, hidden[rows, positions], lm_head, bias)
+
+        return multi_head_loss(head_logits, batch, self.config.num_heads, self.config.loss_decay, self.config.tree_topk)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def draft_logits(self, state: DecodeState) -> torch.Tensor:
+        """Every head's logits ``[K, V]`` at the position that produced the root token."""
+        lm_head, bias = self._lm_head()
+        last = state.hidden[-1][-1].to(lm_head.dtype)
+        return self.heads.all_logits(last.expand(self.config.num_heads, -1), lm_head, bias)
+
+    def propose(self, state: DecodeState) -> Draft:
+        if state.hidden[-1].shape[0] == 0:
+            return Draft.empty()
+        tree = self.draft_tree()
+        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
+        return tree_draft(tree, topk_tokens)
