@@ -217,10 +217,12 @@ class AmphistaDrafter(TreeMixin, Drafter):
         bias = self._borrowed("lm_head_bias") if "lm_head_bias" in self.borrowed else None
         return self._borrowed("lm_head"), bias
 
-    def _slots(self, stages: list[torch.Tensor]) -> torch.Tensor:
-        """Auto-embedding Block: per position, the K head slots attend to each other. ``stages`` hold
-        ``[..., D]`` each; returns ``[..., K, H]``."""
-        slots = torch.stack([stages[group] for group in self.groups], dim=-2) + self.slot_positions
+    def slot_inputs(self, stages: list[torch.Tensor]) -> torch.Tensor:
+        """Slot k = the output of head k's stage + position embedding k: ``[..., D]`` each -> ``[..., K, D]``."""
+        return torch.stack([stages[group] for group in self.groups], dim=-2) + self.slot_positions
+
+    def auto_embed(self, slots: torch.Tensor) -> torch.Tensor:
+        """Auto-embedding Block: per position, the K slots attend to each other. ``[..., K, D]`` -> ``[..., K, H]``."""
         lead = slots.shape[:-2]
         mixed = self.auto_embedding(slots.reshape(-1, *slots.shape[-2:]))
         return self.to_hidden(mixed.reshape(*lead, *mixed.shape[-2:]))
@@ -250,7 +252,7 @@ class AmphistaDrafter(TreeMixin, Drafter):
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         # Padding queries may still see themselves, so no row is fully masked (which would give NaN).
         mask = (causal & inside[:, None, :]) | torch.eye(length, dtype=torch.bool, device=x.device)
-        return self._slots(self._stages(x, positions, mask[:, None], cache=False))
+        return self.auto_embed(self.slot_inputs(self._stages(x, positions, mask[:, None], cache=False)))
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
         lm_head, bias = self._lm_head()
@@ -292,7 +294,7 @@ class AmphistaDrafter(TreeMixin, Drafter):
         mask = positions[:, None] >= torch.arange(count, device=x.device)[None, :]
         stages = self._stages(x[None], positions[None], mask[None, None], cache=True)
         self._cached_positions = count
-        slots = self._slots([stage[0, -1] for stage in stages])
+        slots = self.auto_embed(self.slot_inputs([stage[0, -1] for stage in stages]))
         return self.heads.all_logits(slots, lm_head, bias)
 
     def propose(self, state: DecodeState) -> Draft:
@@ -300,4 +302,4 @@ class AmphistaDrafter(TreeMixin, Drafter):
             return Draft.empty()
         tree = self.draft_tree()
         topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
-        return tree_draft(tree, topk_tokens)
+        return tree_draft(tree, topk_tokens.cpu())  # the evaluator keeps its token buffer on the CPU

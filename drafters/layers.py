@@ -51,7 +51,9 @@ class Borrowed:
             raise DraftsmithError(f"the drafter has no {name} yet: call drafter.bind(target_model) first")
         key = (name, torch.device(device), dtype)
         if key not in self._converted:
-            self._converted[key] = self._source[name].to(device=device, dtype=dtype)
+            # A copy made under the evaluator's inference_mode could not be used by training later on.
+            with torch.inference_mode(False):
+                self._converted[key] = self._source[name].to(device=device, dtype=dtype)
         return self._converted[key]
 
 

@@ -122,4 +122,4 @@ class MedusaDrafter(TreeMixin, Drafter):
             return Draft.empty()
         tree = self.draft_tree()
         topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
-        return tree_draft(tree, topk_tokens)
+        return tree_draft(tree, topk_tokens.cpu())  # the evaluator keeps its token buffer on the CPU
