@@ -1,0 +1,91 @@
+"""AcceptanceEval: real speculative decoding with the target after every training epoch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from rich.console import Console
+
+from drafters.target import Target
+from training.export import Exporter
+from training.report import print_acceptance
+
+
+class AcceptanceEval(L.Callback):
+    """After each training epoch, rank 0 decodes the held-out questions with the drafter (greedy, lossless
+    check included), logs tau / alpha_k / speedup, and rewrites the export when tau beats the best so far.
+
+    Other processes wait at their next collective; global RNG states are left untouched, so evaluating
+    does not change what training draws next (resumed runs stay identical to uninterrupted ones).
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        questions: list[Any],
+        exporter: Exporter,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        out: str | Path | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.target = target
+        self.questions = questions
+        self.exporter = exporter
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.out = Path(out) if out is not None else None
+        self.seed = seed
+        self.best_tau: float | None = None
+        self.best_summary: dict[str, Any] | None = None
+        self.best_epoch_dir: Path | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.questions:
+            return
+        from eval.runner import evaluate
+
+        drafter = pl_module.drafter
+        was_training = drafter.training
+        drafter.eval()
+        epoch = trainer.current_epoch
+        epoch_dir = None if self.out is None else self.out / f"epoch{epoch}"
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            summary = evaluate(
+                self.target,
+                drafter,
+                self.questions,
+                max_new_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                out=epoch_dir,
+                seed=self.seed,
+                progress=True,
+            )
+        drafter.train(was_training)
+        metrics = {"accept/tau": float(summary["tau"]), "accept/speedup": float(summary["speedup"])}
+        metrics.update({f"accept/alpha_{k}": float(a) for k, a in enumerate(summary["alpha"], start=1)})
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        print_acceptance(summary, f"acceptance after epoch {epoch}", Console(stderr=True))
+        if self.best_tau is None or summary["tau"] > self.best_tau:
+            self.best_tau = float(summary["tau"])
+            self.best_summary = summary
+            self.best_epoch_dir = epoch_dir
+            self.exporter.write(drafter, summary)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_tau": self.best_tau,
+            "best_summary": self.best_summary,
+            "best_epoch_dir": None if self.best_epoch_dir is None else str(self.best_epoch_dir),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_tau = state_dict.get("best_tau")
+        self.best_summary = state_dict.get("best_summary")
+        folder = state_dict.get("best_epoch_dir")
+        self.best_epoch_dir = None if folder is None else Path(folder)

@@ -1,0 +1,114 @@
+"""The export folder (DESIGN.md, "Export format"): config.json, model.safetensors, README.md, recipe.yaml,
+eval/summary.json. It is also exactly what `training.publish` uploads to the Hub."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from omegaconf import OmegaConf
+
+from drafters.base import Drafter
+from drafters.target import TargetIdentity
+from training.report import markdown_table
+
+
+def _base_model(identity: TargetIdentity, target_source: str | None) -> str | None:
+    """The Hub id of the target, when there is one (a GGUF or a local folder has none)."""
+    for candidate in (target_source, identity.source):
+        if candidate and candidate.count("/") == 1 and not Path(candidate).exists() and ":" not in candidate:
+            return candidate
+    return None
+
+
+def model_card(
+    drafter: Drafter, identity: TargetIdentity, summary: dict[str, Any] | None, target_source: str | None
+) -> str:
+    kind = drafter.config.kind
+    data = ModelCardData(
+        base_model=_base_model(identity, target_source),
+        library_name="draftsmith",
+        tags=["draftsmith", "speculative-decoding", f"drafter-{kind}"],
+        pipeline_tag="text-generation",
+    )
+    metrics = (
+        f"Greedy speculative decoding on {summary.get('n_questions', '?')} held-out questions "
+        f"(tau = tokens per target forward, bonus token included; alpha_k = acceptance of draft position k "
+        f"given 1..k-1 accepted; speedup = wall-clock tokens/s against plain decoding, same process):\n\n"
+        f"{markdown_table(summary)}\n"
+        if summary
+        else "No evaluation was run for this export.\n"
+    )
+    body = f"""
+# {kind} drafter for {identity.name}
+
+A `{kind}` drafter for speculative decoding with the frozen target `{identity.name}` (`{identity.source}`),
+trained with draftsmith. It proposes draft tokens; the target verifies them, so the
+output of greedy decoding is the target's own.
+
+## Evaluation
+
+{metrics}
+## Use
+
+```python
+from drafters.base import Drafter
+from drafters.target import load_target
+
+target = load_target("{identity.name}")
+drafter = Drafter.from_pretrained("PATH_OR_HUB_ID", target=target.model,
+                                  tokenizer_hash=target.identity.tokenizer_hash)
+```
+
+Evaluate it (speculative decoding against plain decoding of the same target):
+
+```bash
+python -m eval drafter=PATH_OR_HUB_ID
+```
+
+The drafter refuses a target whose tokenizer differs (tokenizer hash `{identity.tokenizer_hash[:12]}`).
+`recipe.yaml` holds the full configuration it was trained with; `eval/summary.json` the evaluation above.
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+def write_export(
+    directory: str | Path,
+    drafter: Drafter,
+    identity: TargetIdentity,
+    config: Any,
+    summary: dict[str, Any] | None = None,
+) -> Path:
+    """Write the export folder; a new one replaces the old only once it is complete."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    resolved = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
+    target_source = OmegaConf.select(resolved, "target.source", default=None)
+    drafter.save_pretrained(
+        staging, extra_config={"target": identity.to_dict(), "tokenizer_hash": identity.tokenizer_hash}
+    )
+    (staging / "README.md").write_text(model_card(drafter, identity, summary, target_source))
+    (staging / "recipe.yaml").write_text(OmegaConf.to_yaml(resolved, resolve=True))
+    if summary is not None:
+        (staging / "eval").mkdir()
+        (staging / "eval" / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    staging.rename(directory)
+    return directory
+
+
+class Exporter:
+    """Writes the export of one run: what stays the same between exports (target, config, folder)."""
+
+    def __init__(self, directory: str | Path, identity: TargetIdentity, config: Any) -> None:
+        self.directory = Path(directory)
+        self.identity = identity
+        self.config = config
+
+    def write(self, drafter: Drafter, summary: dict[str, Any] | None) -> Path:
+        return write_export(self.directory, drafter, self.identity, self.config, summary)

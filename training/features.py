@@ -1,0 +1,39 @@
+"""Where a training step gets the frozen target's features: a no-grad target forward, or the feature cache."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from drafters.base import TargetNeeds
+
+
+class FeatureSource(Protocol):
+    def __call__(self, target: nn.Module, batch: dict[str, torch.Tensor], needs: TargetNeeds) -> dict[str, Any]: ...
+
+
+class OnlineFeatures:
+    """Runs the frozen target inside the step (no autograd graph is kept for it)."""
+
+    def __init__(self, topk: int = 0) -> None:
+        self.topk = topk
+
+    def __call__(self, target: nn.Module, batch: dict[str, torch.Tensor], needs: TargetNeeds) -> dict[str, Any]:
+        from data.features import target_features
+
+        with torch.no_grad():
+            return target_features(target, batch["input_ids"], batch["attention_mask"], needs, topk=self.topk)
+
+
+class CachedFeatures:
+    """Reads the features of the batch's rows from a `data.features.FeatureCache`."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def __call__(self, target: nn.Module, batch: dict[str, torch.Tensor], needs: TargetNeeds) -> dict[str, Any]:
+        features = self.cache.batch(batch["row"].tolist(), pad_to=batch["input_ids"].shape[1])
+        return move_data_to_device(features, batch["input_ids"].device)

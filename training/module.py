@@ -1,0 +1,175 @@
+"""DrafterModule: trains a Drafter against a frozen target inside Lightning."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+
+from drafters.base import Drafter
+from drafters.errors import DraftsmithError
+from training.acceptance import chain_tau, rank_accuracy
+from training.features import FeatureSource, OnlineFeatures
+from training.rng import capture_rng, restore_rng
+from training.settings import TrainSettings
+
+TARGET_PREFIX = "target."
+TREE_FIELDS = ("tree", "tree_nodes")
+
+
+class DrafterModule(L.LightningModule):
+    """Holds the frozen target (a submodule, so strategies place and shard it, but never optimised or
+    checkpointed) and the trainable drafter.
+
+    Validation sums the drafter's ``topk_hits``/``n`` over the whole held-out split (across processes too),
+    logs exact per-position accuracies and, for drafters that decode with a tree, rebuilds their tree from
+    the measured per-rank accuracies.
+    """
+
+    def __init__(
+        self,
+        drafter: Drafter,
+        target: nn.Module,
+        settings: TrainSettings,
+        features: FeatureSource | None = None,
+    ) -> None:
+        super().__init__()
+        if not drafter.trainable:
+            raise DraftsmithError(f"drafter kind {drafter.config.kind!r} has no trainable parameters: pick another")
+        self.target = target.eval().requires_grad_(False)
+        self.drafter = drafter
+        self.settings = settings
+        self.features = features or OnlineFeatures()
+        self.needs = drafter.target_needs()
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._last_step_end: float | None = None
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> DrafterModule:
+        super().train(mode)
+        self.target.eval()  # Lightning flips the whole module to train mode; the target stays frozen
+        return self
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        features = self.features(self.target, batch, self.needs)
+        return self.drafter.loss(batch, features)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._step(batch)
+        acc = out["acc"].detach().float()
+        self.log("train/loss", out["loss"].detach(), prog_bar=True)
+        self.log("train/tau_est", chain_tau(acc), prog_bar=True)
+        for k, value in enumerate(acc.tolist(), start=1):
+            self.log(f"train/acc_top1/pos{k}", value)
+        if "topk_hits" in out:
+            topk = rank_accuracy(out["topk_hits"].detach(), out["n"].detach()).sum(-1)
+            for k, value in enumerate(topk.tolist(), start=1):
+                self.log(f"train/acc_top{out['topk_hits'].shape[-1]}/pos{k}", value)
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            tokens = float(batch["attention_mask"].sum()) * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), prog_bar=True)
+        self._last_step_end = now
+        return out["loss"]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for param in self.drafter.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.settings.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.settings.lr,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = get_cosine_schedule_with_warmup(optimizer, min(self.settings.warmup_steps, total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- validation --------------------------------------------------------------------------
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self._step(batch)
+        weight = out["n"].detach().double()[0]
+        sums = {"hits": out["topk_hits"].detach().double(), "n": out["n"].detach().double(),
+                "loss": out["loss"].detach().double() * weight, "loss_weight": weight}
+        for key, value in sums.items():
+            self._val_sums[key] = self._val_sums.get(key, 0) + value
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._val_sums
+        if not sums:  # this process had no validation batches; the others still reduce
+            sums = self._empty_val_sums()
+        totals = {k: self.trainer.strategy.reduce(v.to(self.device), reduce_op="sum") for k, v in sums.items()}
+        if float(totals["n"][0]) == 0:
+            return
+        per_rank = rank_accuracy(totals["hits"], totals["n"])
+        top1, topk = per_rank[:, 0], per_rank.sum(-1)
+        self.log("val/loss", float(totals["loss"] / totals["loss_weight"]), prog_bar=True, sync_dist=False)
+        self.log("val/tau_est", chain_tau(top1), prog_bar=True)
+        for k in range(len(top1)):
+            self.log(f"val/acc_top1/pos{k + 1}", float(top1[k]))
+            self.log(f"val/acc_top{per_rank.shape[1]}/pos{k + 1}", float(topk[k]))
+        self.val_rank_accuracy = per_rank.float().cpu()
+        if not self.trainer.sanity_checking and hasattr(self.drafter, "set_tree"):
+            self._set_measured_tree(per_rank)
+
+    def _set_measured_tree(self, per_rank: torch.Tensor) -> None:
+        from drafters.trees import build_tree, max_tree_nodes
+
+        heads, ranks = per_rank.shape
+        n_nodes = min(int(getattr(self.drafter.config, "tree_nodes", 63)), max_tree_nodes(heads, ranks))
+        self.drafter.set_tree(build_tree(per_rank.clamp(0.0, 1.0).tolist(), n_nodes))
+
+    def _empty_val_sums(self) -> dict[str, torch.Tensor]:
+        """Zeros shaped like a validation step's sums, from one dry step on a two-token batch."""
+        probe = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device=self.device),
+                 "attention_mask": torch.ones((1, 2), dtype=torch.long, device=self.device),
+                 "loss_mask": torch.ones((1, 2), dtype=torch.long, device=self.device),
+                 "row": torch.zeros(1, dtype=torch.long, device=self.device)}
+        out = self._step(probe)
+        zeros = torch.zeros((), dtype=torch.double)
+        return {"hits": torch.zeros_like(out["topk_hits"], dtype=torch.double),
+                "n": torch.zeros_like(out["n"], dtype=torch.double), "loss": zeros, "loss_weight": zeros}
+
+    # -- checkpoints: drafter only, plus what an exact resume needs ---------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TARGET_PREFIX)
+        }
+        checkpoint["drafter_config"] = self.drafter.config.to_dict()
+        checkpoint["rng"] = capture_rng()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = dict(checkpoint.get("drafter_config") or {})
+        current = self.drafter.config.to_dict()
+        # the measured tree changes during training; every other field must match the run being resumed
+        differing = sorted(k for k in set(saved) | set(current)
+                           if k not in TREE_FIELDS and saved.get(k) != current.get(k))
+        if saved and differing:
+            raise DraftsmithError(
+                f"the checkpoint to resume has other drafter settings ({', '.join(differing)}): "
+                "set resume=false or use a new out= folder"
+            )
+        if saved.get("tree") is not None and hasattr(self.drafter, "set_tree"):
+            self.drafter.set_tree(saved["tree"])
+        # the target was left out on save; hand back its live weights so strict loading still checks the drafter
+        checkpoint["state_dict"].update({TARGET_PREFIX + k: v for k, v in self.target.state_dict().items()})
+        self._rng_to_restore = checkpoint.get("rng")

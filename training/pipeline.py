@@ -1,0 +1,195 @@
+"""The whole `python train.py` run: target -> distilled data -> drafter -> Lightning fit -> export -> final
+eval -> acceptance table -> publish."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from drafters.base import Drafter, drafter_class
+from drafters.errors import DraftsmithError
+from drafters.target import Target, load_target
+from training.callbacks import AcceptanceEval
+from training.datamodule import DistillDataModule
+from training.export import Exporter
+from training.features import CachedFeatures, FeatureSource, OnlineFeatures
+from training.module import DrafterModule
+from training.report import print_acceptance
+from training.settings import TrainSettings
+from training.strategies import trainer_arguments
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_drafter(values: Any, target: Target) -> Drafter:
+    """A fresh drafter from the `drafter` config group, bound to the target's shared modules."""
+    values = dict(OmegaConf.to_container(values, resolve=True) if OmegaConf.is_config(values) else values)
+    kind = values.pop("kind", None)
+    try:
+        cls = drafter_class(str(kind))
+        drafter = cls(cls.config_class.from_dict(values))
+    except ValueError as err:
+        raise DraftsmithError(f"drafter config: {err}") from None
+    drafter.bind(target.model)
+    return drafter
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, or else relative to the repository (recipes name files inside it)."""
+    path = Path(path)
+    return path if path.exists() or path.is_absolute() else REPO_ROOT / path
+
+
+def load_eval_questions(eval_cfg: Any) -> list[Any]:
+    """The acceptance-eval questions (``eval.questions``, null = eval's default set), ``eval.limit`` of them."""
+    from eval.questions import DEFAULT_QUESTIONS, load_questions
+
+    path = eval_cfg.get("questions")
+    questions = load_questions(resolve_path(path) if path else DEFAULT_QUESTIONS)
+    limit = eval_cfg.get("limit")
+    return questions if limit is None else questions[: int(limit)]
+
+
+def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any) -> FeatureSource:
+    topk = int(OmegaConf.select(data_cfg, "features.topk", default=0) or 0)
+    if settings.features == "online":
+        return OnlineFeatures(topk=topk)
+    if not OmegaConf.select(data_cfg, "features.enabled", default=False):
+        raise DraftsmithError("trainer.features=cache needs data.features.enabled=true (to build the feature cache)")
+    from data.features import FeatureCache
+
+    return CachedFeatures(FeatureCache(data_dir))
+
+
+def checkpoint_callbacks(directory: Path, every_n_steps: int) -> list[ModelCheckpoint]:
+    """last.ckpt after every ``every_n_steps`` optimizer steps and at every epoch end (whichever is later)."""
+    common = {"dirpath": directory, "save_top_k": 1, "save_last": True, "enable_version_counter": False}
+    return [
+        ModelCheckpoint(filename="mid-epoch", every_n_train_steps=every_n_steps, **common),
+        ModelCheckpoint(filename="epoch-end", every_n_epochs=1, save_on_train_epoch_end=True, **common),
+    ]
+
+
+def resume_checkpoint(out: Path, resume: bool) -> Path | None:
+    last = out / "checkpoints" / "last.ckpt"
+    if not resume:
+        return None
+    if not last.exists():
+        raise DraftsmithError(f"resume=true but {last} does not exist: run once without resume, or fix out=")
+    return last
+
+
+def zero3_drafter(checkpoint: Path, drafter: Drafter) -> Drafter:
+    """The full drafter weights of a ZeRO-3 run, gathered from its last checkpoint's partitions."""
+    import torch
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    merged = checkpoint.with_name("merged-fp32.pt")
+    convert_zero_checkpoint_to_fp32_state_dict(str(checkpoint), str(merged))
+    state = torch.load(merged, map_location="cpu", weights_only=False)["state_dict"]
+    drafter.load_state_dict({k.removeprefix("drafter."): v for k, v in state.items() if k.startswith("drafter.")})
+    return drafter
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train, export, evaluate and (if asked) publish; returns the final evaluation summary on rank 0."""
+    import data
+
+    settings = TrainSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
+    out = Path(cfg.out)
+    L.seed_everything(int(cfg.seed), workers=True)
+    target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
+    data_dir = Path(data.build_distilled(cfg.data, target))
+    table = data.load_distilled(data_dir)
+    drafter = build_drafter(cfg.drafter, target)
+    pad_id = target.tokenizer.pad_token_id
+    datamodule = DistillDataModule(
+        table,
+        batch_size=settings.batch_size,
+        val_fraction=settings.val_fraction,
+        max_length=settings.max_length,
+        pad_id=int(pad_id if pad_id is not None else target.tokenizer.eos_token_id or 0),
+        seed=int(cfg.seed),
+        sort_chunk=settings.sort_chunk,
+        num_workers=settings.num_workers,
+    )
+    module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data))
+    zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
+    if settings.strategy == "deepspeed":
+        module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out
+    exporter = Exporter(out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True))
+    questions = load_eval_questions(cfg.eval)
+    acceptance = AcceptanceEval(
+        target,
+        [] if zero3 else questions,  # ZeRO-3 shards the target: evaluate once after training instead
+        exporter,
+        max_new_tokens=int(cfg.eval.max_new_tokens),
+        temperature=float(cfg.eval.get("temperature", 0.0)),
+        out=out / "epoch_eval",
+        seed=int(cfg.seed),
+    )
+    trainer = L.Trainer(
+        **trainer_arguments(settings),
+        default_root_dir=out,
+        logger=TensorBoardLogger(out, name="tensorboard"),
+        callbacks=[
+            RichProgressBar(),
+            LearningRateMonitor(logging_interval="step"),
+            acceptance,
+            *checkpoint_callbacks(out / "checkpoints", settings.checkpoint_every_n_steps),
+        ],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(out, bool(cfg.resume)))
+    if not trainer.is_global_zero:
+        return None
+    return finish(cfg, out, target, module, acceptance, exporter, questions, zero3)
+
+
+def finish(
+    cfg: DictConfig,
+    out: Path,
+    target: Target,
+    module: DrafterModule,
+    acceptance: AcceptanceEval,
+    exporter: Exporter,
+    questions: list[Any],
+    zero3: bool,
+) -> dict[str, Any] | None:
+    """Rank 0 after fit: make sure the export holds the best drafter, evaluate it into ${out}/eval, publish."""
+    from eval.runner import evaluate
+
+    summary = None
+    if acceptance.best_tau is not None and acceptance.best_epoch_dir is not None:
+        # the best export was evaluated after its epoch with these very settings: reuse that evaluation
+        shutil.rmtree(out / "eval", ignore_errors=True)
+        shutil.copytree(acceptance.best_epoch_dir, out / "eval")
+        summary = acceptance.best_summary
+    else:
+        drafter = module.drafter
+        if zero3:
+            target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
+            drafter = build_drafter(cfg.drafter, target)
+            zero3_drafter(out / "checkpoints" / "last.ckpt", drafter)
+        drafter.eval()
+        if questions:
+            summary = evaluate(
+                target, drafter, questions,
+                max_new_tokens=int(cfg.eval.max_new_tokens), temperature=float(cfg.eval.get("temperature", 0.0)),
+                out=out / "eval", seed=int(cfg.seed), progress=True,
+            )
+        exporter.write(drafter, summary)
+    if summary is not None:
+        print_acceptance(summary, f"{cfg.recipe_name}: acceptance of {out / 'export'}")
+    repo_id = OmegaConf.select(cfg, "publish.repo_id")
+    if repo_id:
+        from training.publish import publish
+
+        url = publish(out / "export", str(repo_id), private=bool(cfg.publish.private))
+        print(f"published {out / 'export'} to {url}")
+    return summary
