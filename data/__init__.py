@@ -1,0 +1,19 @@
+"""Distillation data: prompt sources, prompt synthesis, target regeneration, sharded store, feature cache."""
+
+from data.build import build_distilled
+from data.config import DataConfig
+from data.features import FeatureCache, target_features, write_feature_cache
+from data.prompts import Conversation, load_prompts
+from data.store import load_distilled, read_manifest
+
+__all__ = [
+    "Conversation",
+    "DataConfig",
+    "FeatureCache",
+    "build_distilled",
+    "load_distilled",
+    "load_prompts",
+    "read_manifest",
+    "target_features",
+    "write_feature_cache",
+]

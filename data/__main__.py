@@ -1,0 +1,36 @@
+"""`python -m data recipe=NAME key=value ...`: build (or continue, or reuse) a recipe's distillation data."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from data.build import build_distilled
+from data.store import read_manifest
+from drafters.errors import DraftsmithError
+from drafters.target import load_target
+
+
+def run(cfg: DictConfig) -> None:
+    target = load_target(cfg.target)
+    folder = build_distilled(cfg.data, target)
+    manifest = read_manifest(folder)
+    print(
+        f"rows {manifest['rows']}  tokens {manifest['tokens']}  target-written tokens {manifest['target_tokens']}  "
+        f"folder {folder}"
+    )
+
+
+@hydra.main(version_base=None, config_path="../recipes", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except DraftsmithError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""`build_distilled`: prompts -> target regeneration -> sharded store (resumable), plus the optional
+feature cache. With ``out: null`` the folder is keyed by target, prompts and generation settings under the
+shared cache, so a second run with the same inputs reuses it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm import tqdm
+
+from data.config import DataConfig
+from data.prompts import Conversation, load_prompts, prompts_hash
+from data.regenerate import regenerate
+from data.store import FORMAT, FORMAT_VERSION, ShardStore, check_same_run, shard_entry, summarize
+from data.synth import synthesize_prompts
+from drafters.base import TargetNeeds
+from drafters.target import Target, cache_root
+
+
+def resolve_prompts(cfg: DataConfig, target: Target) -> list[Conversation]:
+    if cfg.prompts == "synth":
+        conversations = synthesize_prompts(target, cfg.synth, cfg.system_prompt, cfg.seed)
+        return conversations[: cfg.limit] if cfg.limit else conversations
+    return load_prompts(cfg.prompts, cfg.split, cfg.limit)
+
+
+def run_identity(cfg: DataConfig, target: Target, conversations: list[Conversation]) -> dict[str, Any]:
+    """What decides the rows; a folder is continued or reused only if these match exactly."""
+    return {
+        "target": target.identity.to_dict(),
+        "tokenizer_hash": target.identity.tokenizer_hash,
+        "chat_template": target.identity.chat_template,
+        "generation": cfg.generation(),
+        "prompts_hash": prompts_hash(conversations),
+    }
+
+
+def default_folder(identity: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "data" / f"{identity['target']['name']}-{digest}"
+
+
+class _Progress:
+    """A rows bar whose postfix shows target-written tokens and their rate."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.bar = tqdm(total=total, initial=initial, desc="regenerating", unit="row")
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def on_batch(self, new_tokens: int) -> None:
+        self.tokens += new_tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(tokens=self.tokens, tok_s=f"{rate:.1f}", refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _generate_missing(
+    store: ShardStore, manifest: dict[str, Any], cfg: DataConfig, target: Target, conversations: list[Conversation]
+) -> None:
+    shard_rows = manifest["shard_rows"]
+    done = store.done_shards()
+    manifest["shards"] = [s for s in manifest["shards"] if s["index"] in done]
+    listed = {s["index"] for s in manifest["shards"]}
+    for index in sorted(done - listed):  # renamed into place, but killed before the manifest caught up
+        rows = list(datasets.load_from_disk(str(store.shard_path(index))))
+        manifest["shards"].append(shard_entry(index, rows))
+    todo = [i for i in range(manifest["n_shards"]) if i not in done]
+    progress = _Progress(
+        len(conversations),
+        initial=len(conversations) - sum(len(conversations[i * shard_rows : (i + 1) * shard_rows]) for i in todo),
+    )
+    try:
+        for index in todo:
+            part = conversations[index * shard_rows : (index + 1) * shard_rows]
+            with torch.random.fork_rng(devices=[target.device] if target.device.type == "cuda" else []):
+                torch.manual_seed(cfg.seed * 1_000_003 + index)
+                rows = regenerate(target, part, cfg, on_batch=progress.on_batch)
+            manifest["shards"].append(store.write_shard(index, rows))
+            manifest["shards"].sort(key=lambda s: s["index"])
+            manifest.update(summarize(manifest))
+            store.write_manifest(manifest)
+            progress.bar.update(len(part))
+    finally:
+        progress.close()
+
+
+def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) -> Path:
+    """Generate (or continue, or reuse) the distillation data of ``cfg_data`` for ``target``; returns its folder."""
+    cfg = DataConfig.from_mapping(cfg_data)
+    conversations = resolve_prompts(cfg, target)
+    identity = run_identity(cfg, target, conversations)
+    folder = Path(cfg.out) if cfg.out else default_folder(identity)
+    store = ShardStore(folder)
+    with store.writing():
+        manifest = store.read_manifest()
+        if manifest is not None:
+            check_same_run(manifest, identity, folder)
+        else:
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                **identity,
+                "prompts_source": cfg.prompts,
+                "n_conversations": len(conversations),
+                # A resumed folder keeps the shard size it was started with: shards map to conversations by index.
+                "shard_rows": cfg.shard_rows,
+                "n_shards": -(-len(conversations) // cfg.shard_rows),
+                "shards": [],
+                "complete": False,
+            }
+            store.write_manifest(manifest)
+        if not manifest["complete"]:
+            _generate_missing(store, manifest, cfg, target, conversations)
+            manifest.update(summarize(manifest), complete=True)
+            store.write_manifest(manifest)
+    if cfg.features.enabled:
+        from data.features import write_feature_cache
+
+        write_feature_cache(folder, target, TargetNeeds(hidden_layers=cfg.features.layers), cfg.features.topk)
+    return folder
