@@ -7,13 +7,13 @@ that follows, i.e. the token the target chose from h_t):
 2. Staged Adaptation Layers: a causal stack of pre-norm transformer decoder layers over f_0..f_t.
    Choice: stages are *cumulative*: stage s is the output after ``s * layers_per_stage`` layers of one
    stack (stage 2 continues from stage 1), so S stages cost S * layers_per_stage layers, not S(S+1)/2.
-   Choice: the layers are self-written (RMSNorm, multi-head attention with RoPE, GELU MLP), so decoding
+   Choice: the layers are self-written (RMSNorm, multi-head attention with RoPE, SiLU MLP), so decoding
    keeps its own incremental KV cache: every position t < L-1 is final once computed, because x_{t+1} is
    already verified.
 3. Heads are split into S contiguous groups, as even as possible, earlier groups taking the remainder
    (4 heads, 2 stages: heads 1-2 read stage 1, heads 3-4 read stage 2).
 4. Auto-embedding Block: slot k = its group's stage output + learned position embedding k; one
-   bidirectional transformer encoder layer (torch's ``nn.TransformerEncoderLayer``, pre-norm, GELU) runs
+   bidirectional transformer encoder layer (torch's ``nn.TransformerEncoderLayer``, pre-norm, SiLU) runs
    over the K slots of a position, so every head sees every other head.
 5. Slot k -> head k (``head_layers`` residual blocks, then the vocab projection) -> logits. Head k
    (1-based) predicts x_{t+k+1}, like Medusa's head k.
@@ -101,7 +101,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tenso
 
 
 class CausalLayer(nn.Module):
-    """Pre-norm decoder layer: RMSNorm -> causal self-attention with RoPE -> RMSNorm -> GELU MLP."""
+    """Pre-norm decoder layer: RMSNorm -> causal self-attention with RoPE -> RMSNorm -> SiLU MLP."""
 
     def __init__(self, dim: int, heads: int, ffn: int, rope_base: float, dropout: float) -> None:
         super().__init__()
@@ -110,7 +110,7 @@ class CausalLayer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.attn_out = nn.Linear(dim, dim, bias=False)
         self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.GELU(), nn.Linear(ffn, dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(dim, ffn), nn.SiLU(), nn.Linear(ffn, dim), nn.Dropout(dropout))
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, past: KeyValue | None = None
@@ -163,7 +163,7 @@ class AmphistaDrafter(TreeMixin, Drafter):
         )
         self.slot_positions = nn.Parameter(torch.randn(c.num_heads, dim) * 0.02)
         self.auto_embedding = nn.TransformerEncoderLayer(
-            dim, c.attention_heads, ffn, c.dropout, activation="gelu", batch_first=True, norm_first=True
+            dim, c.attention_heads, ffn, c.dropout, activation=F.silu, batch_first=True, norm_first=True
         )
         self.to_hidden = nn.Identity() if dim == hidden else nn.Linear(dim, hidden, bias=False)
         self.heads = VocabHeads(c.num_heads, hidden, c.head_layers, c.vocab_size or 0, c.share_lm_head)
