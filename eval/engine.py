@@ -1,0 +1,229 @@
+"""The speculative decoding engine: one target, a rollback KV cache, tree verification in one forward."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from transformers import PreTrainedModel
+
+from drafters.base import DecodeState, Drafter
+from drafters.errors import DraftsmithError
+from eval import acceptance, tree
+from eval.kvcache import RollbackCache
+from eval.sampling import SamplingConfig, warp
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One verification forward: ``appended`` tokens joined the output (accepted + bonus, after cutting
+    at eos / max_new_tokens), ``accepted`` draft tokens passed, ``offered`` draft tokens could have."""
+
+    appended: int
+    accepted: int
+    offered: int
+
+
+@dataclass
+class Generation:
+    """One generated answer. The prefill forward is not a step: ``steps`` are verification forwards."""
+
+    tokens: list[int]
+    steps: list[StepRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+    target_s: float = 0.0
+    drafter_s: float = 0.0
+
+    @property
+    def overhead_s(self) -> float:
+        """Time spent neither in target forwards nor in the drafter: the engine's own bookkeeping."""
+        return max(self.wall_s - self.target_s - self.drafter_s, 0.0)
+
+
+@runtime_checkable
+class UsesDecoder(Protocol):
+    """A drafter that drafts with the target itself (layer skipping) implements this to get the decoder
+    before each sequence; it may then run `SpeculativeDecoder.forward` at slots past the verified length."""
+
+    def attach_decoder(self, decoder: SpeculativeDecoder) -> None: ...
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: object | None = None) -> set[int]:
+    """End-of-sequence and end-of-turn ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update(value if isinstance(value, list | tuple) else [value])
+    return ids
+
+
+class SpeculativeDecoder:
+    """Decodes one sequence at a time with any drafter (the ``ar`` drafter = plain decoding).
+
+    The KV cache is allocated once with room for the longest sequence seen and only grows when a longer
+    prompt arrives; between sequences and after rejections it is rolled back by length.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        eos_ids: set[int] | None = None,
+        sampling: SamplingConfig | None = None,
+        max_draft_nodes: int = 64,
+    ) -> None:
+        self.model = model
+        self.eos_ids = set(eos_ids) if eos_ids is not None else eos_token_ids(model)
+        self.sampling = sampling or SamplingConfig()
+        self.max_draft_nodes = max_draft_nodes
+        self.cache: RollbackCache | None = None
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.target_s = 0.0
+        self._hidden: dict[int, torch.Tensor] = {}
+
+    def _ensure_capacity(self, needed: int) -> RollbackCache:
+        if self.cache is None or self.cache.capacity < needed:
+            self.cache = RollbackCache(self.model, capacity=max(needed, 256))
+            self._hidden = {}
+        return self.cache
+
+    def _hidden_buffers(self, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Per-layer hidden-state buffers, preallocated at the cache's capacity and reused."""
+        for layer in layers:
+            if layer not in self._hidden:
+                size = (self.cache.capacity, self.model.config.hidden_size)
+                self._hidden[layer] = torch.empty(size, dtype=self.dtype, device=self.device)
+        return {layer: self._hidden[layer] for layer in layers}
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        start: int,
+        depths: torch.Tensor,
+        visible: torch.Tensor,
+        *,
+        hidden: bool = False,
+        last_logits_only: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run the target on ``input_ids`` written at slots ``start ..``: each row sees slots ``< start``
+        and the new rows ``visible`` marks; positions are ``start + depths``. Returns logits [rows, vocab]
+        and, with ``hidden``, transformers' ``hidden_states`` tuple."""
+        cache = self.cache
+        rows = input_ids.numel()
+        mask = torch.full((rows, cache.capacity), torch.finfo(self.dtype).min, dtype=self.dtype)
+        mask[:, :start] = 0.0
+        mask[:, start : start + rows].masked_fill_(visible, 0.0)
+        cache.write_at(start)
+        began = time.perf_counter()
+        out = self.model(
+            input_ids=input_ids.view(1, -1).to(self.device),
+            position_ids=(depths + start).view(1, -1).to(self.device),
+            attention_mask=mask.view(1, 1, rows, -1).to(self.device),
+            past_key_values=cache.cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+            logits_to_keep=1 if last_logits_only else 0,
+        )
+        self.target_s += time.perf_counter() - began
+        return out.logits[0].float(), out.hidden_states if hidden else None
+
+    def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+        if self.sampling.greedy:
+            return int(logits.argmax())
+        return int(torch.multinomial(warp(logits, self.sampling), 1, generator=generator))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int] | torch.Tensor,
+        drafter: Drafter,
+        max_new_tokens: int,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+        if prompt.numel() == 0:
+            raise DraftsmithError("empty prompt: give at least one token")
+        if max_new_tokens < 1:
+            raise DraftsmithError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        began = time.perf_counter()
+        self.target_s = 0.0
+        capacity_needed = prompt.numel() + max_new_tokens + self.max_draft_nodes + 2
+        cache = self._ensure_capacity(capacity_needed)
+        layers = drafter.target_needs().hidden_layers
+        buffers = self._hidden_buffers(layers)
+        drafter.reset()
+        if isinstance(drafter, UsesDecoder):
+            drafter.attach_decoder(self)
+
+        n = prompt.numel()
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        logits, hidden = self.forward(
+            prompt, 0, torch.arange(n), causal, hidden=bool(layers), last_logits_only=True
+        )
+        for layer, buffer in buffers.items():
+            buffer[:n] = hidden[layer][0]
+        first = self._choose(logits[-1], generator)
+        result = Generation(tokens=[first])
+        tokens = torch.empty(cache.capacity, dtype=torch.long)
+        tokens[:n] = prompt
+        tokens[n] = first
+        length, new_from, drafter_s = n + 1, 0, 0.0
+
+        while len(result.tokens) < max_new_tokens and result.tokens[-1] not in self.eos_ids:
+            state = DecodeState(
+                tokens=tokens[:length],
+                prompt_len=n,
+                hidden={layer: buffer[: length - 1] for layer, buffer in buffers.items()},
+                new_from=new_from,
+                greedy=self.sampling.greedy,
+                generator=generator,
+            )
+            drafted, target_before = time.perf_counter(), self.target_s
+            draft = drafter.propose(state)
+            # forwards a self-drafting drafter ran through this engine are drafter time, not verification
+            self.target_s = target_before
+            drafter_s += time.perf_counter() - drafted
+            tree.validate(draft)
+            draft = tree.truncate(draft, min(self.max_draft_nodes, cache.capacity - length - 1))
+            shape = tree.layout(draft.parents)
+            start = length - 1
+            step_input = torch.cat([tokens[start : start + 1], draft.tokens.to(torch.long)])
+            logits, hidden = self.forward(step_input, start, shape.depths, shape.visible, hidden=bool(layers))
+            if self.sampling.greedy:
+                verdict = acceptance.accept_greedy(draft, shape, logits)
+            else:
+                verdict = acceptance.accept_sampling(draft, shape, logits, self.sampling, generator)
+
+            kept_rows = torch.tensor([0] + [node + 1 for node in verdict.path])
+            if verdict.path:
+                src = (start + 1 + torch.tensor(verdict.path)).to(self.device)
+                dst = torch.arange(start + 1, start + 1 + len(verdict.path), device=self.device)
+                cache.move(src, dst)
+            for layer, buffer in buffers.items():
+                buffer[start : start + kept_rows.numel()] = hidden[layer][0, kept_rows.to(self.device)]
+
+            new = draft.tokens[verdict.path].tolist() + [verdict.bonus]
+            new = self._cut(new, max_new_tokens - len(result.tokens))
+            result.tokens.extend(new)
+            tokens[length : length + len(new)] = torch.tensor(new)
+            new_from, length = start, length + len(new)
+            result.steps.append(StepRecord(appended=len(new), accepted=len(verdict.path), offered=verdict.offered))
+
+        result.wall_s = time.perf_counter() - began
+        result.target_s, result.drafter_s = self.target_s, drafter_s
+        return result
+
+    def _cut(self, new: list[int], room: int) -> list[int]:
+        """Stop at the first end-of-sequence token and at the token budget."""
+        new = new[:room]
+        for i, token in enumerate(new):
+            if token in self.eos_ids:
+                return new[: i + 1]
+        return new
+

@@ -1,0 +1,54 @@
+"""Resolve ``drafter=NAME_OR_PATH``: a training-free kind by name, anything else an export folder / Hub id."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+import drafters
+from drafters.base import Drafter
+from drafters.errors import DraftsmithError
+from drafters.target import Target
+from eval.layerskip_search import load_or_search
+from eval.ngram_drafter import NgramDrafter
+from eval.plain_drafter import PlainDrafter
+
+TRAINING_FREE = ("ar", "ngram", "layerskip")
+
+
+def register_drafter_kinds() -> None:
+    """Import every module of the ``drafters`` package so each trained kind registers itself."""
+    for module in pkgutil.iter_modules(drafters.__path__):
+        importlib.import_module(f"drafters.{module.name}")
+
+
+def _check_target(drafter: Drafter, where: str, target: Target) -> None:
+    recorded = getattr(drafter, "export_config", {}).get("target")
+    if not isinstance(recorded, dict) or not recorded.get("weights_hash"):
+        return
+    if recorded["weights_hash"] != target.identity.weights_hash:
+        raise DraftsmithError(
+            f"drafter {where} was trained for target {recorded.get('name', '?')!r}, not for "
+            f"{target.identity.name!r} (different weights); pass target={recorded.get('name', 'ITS_TARGET')}"
+        )
+
+
+def load_drafter(name_or_path: str | Path, target: Target) -> Drafter:
+    """``ar`` | ``ngram`` | ``layerskip`` by name; otherwise `Drafter.from_pretrained` against ``target``."""
+    name = str(name_or_path)
+    if name == "ar":
+        return PlainDrafter()
+    if name == "ngram":
+        return NgramDrafter()
+    if name == "layerskip":
+        return load_or_search(target)
+    register_drafter_kinds()
+    try:
+        drafter = Drafter.from_pretrained(
+            name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash
+        )
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        raise DraftsmithError(f"{err}; training-free drafters: {', '.join(TRAINING_FREE)}") from None
+    _check_target(drafter, name, target)
+    return drafter.to(target.device).eval()

@@ -1,0 +1,87 @@
+"""The ``ngram`` drafter (ANPD-style adaptive n-gram / prompt lookup), training-free.
+
+An n-gram table over the prompt and every verified token maps each n-gram (n = ``max_n`` .. ``min_n``) to
+the position right after its most recent occurrence. To draft, look up the sequence's last n tokens,
+longest n first, backing off to shorter ones, and propose what followed the match. With ``branches > 1`` the
+draft is a small tree: the continuations of the matches at several levels, as sibling alternatives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
+from drafters.errors import DraftsmithError
+
+
+@dataclass
+class NgramConfig(DrafterConfig):
+    kind: ClassVar[str] = "ngram"
+    max_n: int = 4
+    min_n: int = 1
+    draft_len: int = 10
+    branches: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_n <= self.max_n:
+            raise DraftsmithError(f"ngram needs 1 <= min_n <= max_n, got min_n={self.min_n}, max_n={self.max_n}")
+        if self.draft_len < 1 or self.branches < 1:
+            raise DraftsmithError("ngram draft_len and branches must be >= 1")
+
+
+@register
+class NgramDrafter(Drafter):
+    config_class = NgramConfig
+
+    def __init__(self, config: NgramConfig | None = None) -> None:
+        super().__init__(config or NgramConfig())
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens: list[int] = []
+        self._tables: dict[int, dict[tuple[int, ...], int]] = {
+            n: {} for n in range(self.config.min_n, self.config.max_n + 1)
+        }
+
+    def _extend(self, tokens: torch.Tensor) -> None:
+        """Index every n-gram whose continuation is known (those ending before the last token)."""
+        if len(tokens) < len(self._tokens) or tokens[: len(self._tokens)].tolist() != self._tokens:
+            self.reset()  # a different sequence than the one indexed so far
+        known = len(self._tokens)
+        self._tokens.extend(tokens[known:].tolist())
+        seq = self._tokens
+        for end in range(max(known, 1), len(seq)):
+            for n, table in self._tables.items():
+                if end >= n:
+                    table[tuple(seq[end - n : end])] = end
+
+    def _continuations(self) -> list[list[int]]:
+        """Distinct continuations of the matches, longest n-gram first."""
+        seq, found = self._tokens, []
+        for n in range(self.config.max_n, self.config.min_n - 1, -1):
+            if len(seq) < n:
+                continue
+            start = self._tables[n].get(tuple(seq[-n:]))
+            if start is None:
+                continue
+            continuation = seq[start : start + self.config.draft_len]
+            if continuation and all(c[0] != continuation[0] for c in found):
+                found.append(continuation)
+            if len(found) == self.config.branches:
+                break
+        return found
+
+    def propose(self, state: DecodeState) -> Draft:
+        self._extend(state.tokens)
+        tokens: list[int] = []
+        parents: list[int] = []
+        for continuation in self._continuations():
+            parent = -1
+            for token in continuation:
+                parents.append(parent)
+                parent = len(tokens)
+                tokens.append(token)
+        return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))

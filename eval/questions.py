@@ -1,0 +1,53 @@
+"""Spec-Bench / MT-Bench style question files: JSONL with ``{"id", "category"?, "turns": [str, ...]}``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from drafters.errors import DraftsmithError
+
+DEFAULT_QUESTIONS = Path(__file__).parent / "questions" / "mini_specbench.jsonl"
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    category: str
+    turns: tuple[str, ...]
+
+
+def _parse(line: str, where: str) -> Question:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DraftsmithError(f"{where}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+    if not isinstance(row, dict):
+        raise DraftsmithError(f"{where}: expected a JSON object with 'turns', got {type(row).__name__}")
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise DraftsmithError(f"{where}: 'turns' must be a non-empty list of non-empty strings")
+    qid = row.get("id", row.get("question_id"))
+    if qid is None:
+        raise DraftsmithError(f"{where}: missing 'id'")
+    return Question(id=str(qid), category=str(row.get("category") or "general"), turns=tuple(turns))
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    path = Path(path)
+    if not path.is_file():
+        raise DraftsmithError(f"question file {path} not found; pass questions=PATH to a JSONL file")
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                questions.append(_parse(line, f"{path}:{number}"))
+    if not questions:
+        raise DraftsmithError(f"question file {path} holds no questions")
+    seen: set[str] = set()
+    for q in questions:
+        if q.id in seen:
+            raise DraftsmithError(f"{path}: question id {q.id!r} appears twice; ids must be unique")
+        seen.add(q.id)
+    return questions

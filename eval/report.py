@@ -1,0 +1,112 @@
+"""Write an evaluation's files: results.jsonl, summary.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _overview(summary: dict[str, Any]) -> list[str]:
+    lines = [
+        "| category | questions | tau | speedup | plain tok/s | spec tok/s | lossless mismatches |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    parts = [*summary["by_category"].items(), ("**all**", summary)]
+    for name, part in parts:
+        tps = part["tokens_per_s"]
+        lines.append(
+            f"| {name} | {part['n_questions']} | {_fmt(part['tau'])} | {_fmt(part['speedup'])}x | "
+            f"{_fmt(tps['plain'], 1)} | {_fmt(tps['speculative'], 1)} | {part['lossless_mismatches']} |"
+        )
+    return lines
+
+
+def _category_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| question | new tokens | tau | plain tok/s | spec tok/s | speedup | lossless |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for row in rows:
+        steps = row["accept_lengths"]
+        tau = sum(steps) / len(steps) if steps else 0.0
+        plain = row["plain_new_tokens"] / row["plain_wall_time"] if row["plain_wall_time"] else 0.0
+        spec = row["new_tokens"] / row["wall_time"] if row["wall_time"] else 0.0
+        lossless = "n/a" if row["lossless"] is None else ("yes" if row["lossless"] else "**no**")
+        lines.append(
+            f"| {row['id']} | {row['new_tokens']} | {tau:.2f} | {plain:.1f} | {spec:.1f} | "
+            f"{spec / plain if plain else 0.0:.2f}x | {lossless} |"
+        )
+    return lines
+
+
+def markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
+    settings = summary["settings"]
+    lines = [
+        f"# Speculative decoding: `{summary['drafter']}` on `{summary['target']}`",
+        "",
+        f"{summary['n_questions']} questions, max_new_tokens={settings['max_new_tokens']}, "
+        f"temperature={settings['temperature']}, top_p={settings['top_p']}, seed={settings['seed']}. "
+        "Plain and speculative decoding interleaved per turn in one process; speedup is their ratio of "
+        "tokens/s. tau = tokens appended per verification forward (bonus token included; the prefill "
+        "forward is not counted).",
+        "",
+        f"alpha_k: {', '.join(f'{a:.2f}' for a in summary['alpha']) or 'n/a (no draft tokens)'}",
+        "",
+        *_overview(summary),
+    ]
+    for category in summary["by_category"]:
+        lines += ["", f"## {category}", "", *_category_table([r for r in rows if r["category"] == category])]
+    return "\n".join(lines) + "\n"
+
+
+def plots(summary: dict[str, Any], rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    written = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    alpha = summary["alpha"]
+    ax.plot(range(1, len(alpha) + 1), alpha, marker="o")
+    ax.set(xlabel="draft position k", ylabel="alpha_k", ylim=(0, 1.05), title="per-position acceptance")
+    written.append(_save(fig, out / "alpha_k.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    counts = Counter(n for row in rows for n in row["accept_lengths"])
+    ax.bar(list(counts), list(counts.values()))
+    ax.set(xlabel="tokens appended per verification step", ylabel="steps", title="accept-length histogram")
+    written.append(_save(fig, out / "accept_lengths.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(summary["by_category"])
+    ax.bar(names, [summary["by_category"][c]["tau"] for c in names])
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set(ylabel="tau", title="tau per category")
+    ax.tick_params(axis="x", rotation=30)
+    written.append(_save(fig, out / "tau_by_category.png"))
+    return written
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write(out: Path, summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(summary, rows))
+    plots(summary, rows, out)

@@ -1,0 +1,118 @@
+"""Evaluate a drafter against its target on a question set: plain and speculative decoding interleaved."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from drafters.base import Drafter
+from drafters.errors import DraftsmithError
+from drafters.target import Target
+from eval import report
+from eval.engine import Generation, SpeculativeDecoder, eos_token_ids
+from eval.plain_drafter import PlainDrafter
+from eval.questions import Question
+from eval.sampling import SamplingConfig
+from eval.summary import summarize
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation so far, ending with the assistant's turn to speak (MT-Bench style)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # base models: a plain transcript
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _turn_pair(
+    decoder: SpeculativeDecoder,
+    tokenizer: Any,
+    drafter: Drafter,
+    plain: Drafter,
+    question: Question,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[list[Generation], list[str], list[Generation]]:
+    """Plain then speculative, turn by turn, each with its own conversation history and same-seeded RNG."""
+    plain_gens: list[Generation] = []
+    spec_gens: list[Generation] = []
+    answers: list[str] = []
+    plain_messages: list[dict[str, str]] = []
+    spec_messages: list[dict[str, str]] = []
+    plain_rng = torch.Generator().manual_seed(seed)
+    spec_rng = torch.Generator().manual_seed(seed)
+    for turn in question.turns:
+        for messages, runner, rng, store in (
+            (plain_messages, plain, plain_rng, plain_gens),
+            (spec_messages, drafter, spec_rng, spec_gens),
+        ):
+            messages.append({"role": "user", "content": turn})
+            generation = decoder.generate(prompt_ids(tokenizer, messages), runner, max_new_tokens, rng)
+            answer = tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
+            messages.append({"role": "assistant", "content": answer})
+            store.append(generation)
+            if runner is drafter:
+                answers.append(answer)
+    return plain_gens, answers, spec_gens
+
+
+def _row(question: Question, answers: list[str], plain: list[Generation], spec: list[Generation], greedy: bool) -> dict:
+    steps = [s for g in spec for s in g.steps]
+    return {
+        "id": question.id,
+        "category": question.category,
+        "turns": answers,
+        "new_tokens": sum(len(g.tokens) for g in spec),
+        "wall_time": sum(g.wall_s for g in spec),
+        "accept_lengths": [s.appended for s in steps],
+        "accepted": [s.accepted for s in steps],
+        "offered": [s.offered for s in steps],
+        "plain_new_tokens": sum(len(g.tokens) for g in plain),
+        "plain_wall_time": sum(g.wall_s for g in plain),
+        "target_time": sum(g.target_s for g in spec),
+        "drafter_time": sum(g.drafter_s for g in spec),
+        "lossless": all(p.tokens == s.tokens for p, s in zip(plain, spec, strict=True)) if greedy else None,
+    }
+
+
+def evaluate(
+    target: Target,
+    drafter: Drafter,
+    questions: list[Question],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    out: Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    top_p: float = 1.0,
+    drafter_name: str | None = None,
+) -> dict[str, Any]:
+    """Decode every question plainly and speculatively (interleaved per turn) and summarise (DESIGN.md keys).
+
+    With ``out``, also write results.jsonl, summary.json, report.md and PNG plots there."""
+    if not questions:
+        raise DraftsmithError("no questions to evaluate; check the question file and limit")
+    if max_new_tokens < 1:
+        raise DraftsmithError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p)
+    decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer), sampling=sampling)
+    plain = PlainDrafter()
+    rows = []
+    bar = tqdm(questions, desc=f"eval {drafter_name or drafter.config.kind}", unit="q", disable=not progress)
+    for index, question in enumerate(bar):
+        plain_gens, answers, spec_gens = _turn_pair(
+            decoder, target.tokenizer, drafter, plain, question, max_new_tokens, seed * 100_003 + index
+        )
+        rows.append(_row(question, answers, plain_gens, spec_gens, sampling.greedy))
+        steps = [n for row in rows for n in row["accept_lengths"]]
+        bar.set_postfix(tau=f"{sum(steps) / max(len(steps), 1):.2f}")
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    summary = summarize(rows, drafter_name or drafter.config.kind, target.identity.name, settings)
+    if out is not None:
+        report.write(Path(out), summary, rows)
+    return summary
