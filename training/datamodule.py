@@ -104,12 +104,16 @@ class DistillDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def _batches_done(self) -> int:
+    def _progress(self) -> tuple[int, int]:
+        """(epoch, batches trained in it) as the trainer counts them; (0, 0) outside a trainer."""
         trainer = self.trainer
-        return 0 if trainer is None else trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def _sampler(self, rows: list[int], *, train: bool) -> BucketBatchSampler:
         num_replicas, rank = self._replicas()
+        trainer = self.trainer
         return BucketBatchSampler(
             [self.lengths[r] for r in rows],
             self.batch_size,
@@ -118,13 +122,18 @@ class DistillDataModule(L.LightningDataModule):
             sort_chunk=self.sort_chunk,
             num_replicas=num_replicas,
             rank=rank,
+            epoch_source=None if trainer is None else (lambda: trainer.current_epoch),
         )
+
+    def train_batches_per_epoch(self) -> int:
+        """Batches each process trains on per epoch."""
+        return len(self._sampler(self.train_rows, train=True))
 
     def train_dataloader(self) -> ResumableDataLoader:
         return ResumableDataLoader(
             DistilledRows(self.table, self.train_rows, self.max_length),
             self._sampler(self.train_rows, train=True),
-            self._batches_done,
+            self._progress,
             collate_fn=PadCollator(self.pad_id),
             num_workers=self.num_workers,
             # a private generator keeps DataLoader's per-epoch seed draw off the global RNG (exact resume)

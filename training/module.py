@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from transformers import get_cosine_schedule_with_warmup
 from drafters.base import Drafter
 from drafters.errors import DraftsmithError
 from training.acceptance import chain_tau, rank_accuracy
+from training.datamodule import DistillDataModule
 from training.features import FeatureSource, OnlineFeatures
 from training.rng import capture_rng, restore_rng
 from training.settings import TrainSettings
@@ -95,9 +97,24 @@ class DrafterModule(L.LightningModule):
             ],
             lr=self.settings.lr,
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self._total_steps()
         schedule = get_cosine_schedule_with_warmup(optimizer, min(self.settings.warmup_steps, total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the cosine schedule.
+
+        Not ``trainer.estimated_stepping_batches`` with our datamodule: asking it builds and caches the train
+        loader before a resumed run restores its state, so the loader would never learn where to resume.
+        """
+        datamodule = self.trainer.datamodule
+        if not isinstance(datamodule, DistillDataModule):
+            return max(int(self.trainer.estimated_stepping_batches), 1)
+        per_epoch = math.ceil(datamodule.train_batches_per_epoch() / self.settings.accumulate_grad_batches)
+        total = per_epoch * self.settings.max_epochs
+        if self.settings.max_steps > 0:
+            total = min(total, self.settings.max_steps)
+        return max(total, 1)
 
     # -- validation --------------------------------------------------------------------------
 

@@ -12,9 +12,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from drafters.base import Drafter, drafter_class
+from drafters.base import Drafter, TargetNeeds, drafter_class
 from drafters.errors import DraftsmithError
 from drafters.target import Target, load_target
+from eval.loading import register_drafter_kinds
 from training.callbacks import AcceptanceEval
 from training.datamodule import DistillDataModule
 from training.export import Exporter
@@ -31,6 +32,7 @@ def build_drafter(values: Any, target: Target) -> Drafter:
     """A fresh drafter from the `drafter` config group, bound to the target's shared modules."""
     values = dict(OmegaConf.to_container(values, resolve=True) if OmegaConf.is_config(values) else values)
     kind = values.pop("kind", None)
+    register_drafter_kinds()
     try:
         cls = drafter_class(str(kind))
         drafter = cls(cls.config_class.from_dict(values))
@@ -56,15 +58,23 @@ def load_eval_questions(eval_cfg: Any) -> list[Any]:
     return questions if limit is None else questions[: int(limit)]
 
 
-def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any) -> FeatureSource:
+def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any, drafter: Drafter) -> FeatureSource:
     topk = int(OmegaConf.select(data_cfg, "features.topk", default=0) or 0)
     if settings.features == "online":
         return OnlineFeatures(topk=topk)
     if not OmegaConf.select(data_cfg, "features.enabled", default=False):
         raise DraftsmithError("trainer.features=cache needs data.features.enabled=true (to build the feature cache)")
-    from data.features import FeatureCache
+    from data.features import FeatureCache, cache_folder
 
-    return CachedFeatures(FeatureCache(data_dir))
+    needs = drafter.target_needs()
+    layers = tuple(int(layer) for layer in OmegaConf.select(data_cfg, "features.layers", default=[-1]))
+    if needs.logits or not set(needs.hidden_layers) <= set(layers):
+        raise DraftsmithError(
+            f"the {drafter.config.kind} drafter needs hidden layers {list(needs.hidden_layers)}"
+            f"{' and full logits' if needs.logits else ''}, the cache has layers {list(layers)}: "
+            "set data.features.layers to include them, or train with trainer.features=online"
+        )
+    return CachedFeatures(FeatureCache(cache_folder(data_dir, TargetNeeds(hidden_layers=layers), topk)))
 
 
 def checkpoint_callbacks(directory: Path, every_n_steps: int) -> list[ModelCheckpoint]:
@@ -119,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         sort_chunk=settings.sort_chunk,
         num_workers=settings.num_workers,
     )
-    module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data))
+    module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data, drafter))
     zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
     if settings.strategy == "deepspeed":
         module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out

@@ -1,4 +1,7 @@
-"""Capture and restore every random generator a training step can draw from (exact resume)."""
+"""Capture and restore every random generator a training step can draw from (exact resume).
+
+States are kept as tensors and plain Python values, which checkpoints load with ``weights_only=True``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import torch
 def capture_rng() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -20,9 +23,15 @@ def capture_rng() -> dict[str, Any]:
     return state
 
 
+def _numpy_state() -> tuple[Any, ...]:
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Sampler
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of row positions, rows of similar length together to waste little padding.
 
+    The epoch comes from ``set_epoch`` or, when given, from ``epoch_source()`` (the trainer's epoch).
+
     Training order: shuffle rows, cut them into chunks of ``sort_chunk`` batches, sort each chunk by length,
     cut it into batches, shuffle the batches. With ``num_replicas > 1`` each process takes every
     ``num_replicas``-th batch; training drops the tail so every process runs the same number of steps
@@ -32,6 +34,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         sort_chunk: int = 64,
         num_replicas: int = 1,
         rank: int = 0,
+        epoch_source: Callable[[], int] | None = None,
     ) -> None:
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
         self.batch_size = batch_size
@@ -41,6 +44,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.epoch_source = epoch_source
         self._resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -77,6 +81,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(range(self.rank, n_batches, self.num_replicas))
 
     def __iter__(self) -> Iterator[list[int]]:
+        # Read at the first batch, not when iter() is called: a resuming trainer calls iter() before it
+        # restores its epoch counter (and Lightning's set_epoch reaches plain samplers only).
+        if self.epoch_source is not None:
+            self.epoch = self.epoch_source()
         batches = self._my_batches()
         skip = 0
         if self._resume_at is not None and self._resume_at[0] == self.epoch:
@@ -92,18 +100,20 @@ class BucketBatchSampler(Sampler[list[int]]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning checkpoints and restores (it implements ``state_dict``/``load_state_dict``).
 
-    The position is read from ``batches_done`` (the trainer's count of batches trained this epoch) rather than
-    counted here: the fit loop fetches one batch ahead, so counting yields would skip a batch on resume.
+    ``progress()`` returns the trainer's (epoch, batches trained this epoch). The position is read from it
+    rather than counted here: the fit loop fetches one batch ahead, so counting yields would skip a batch on
+    resume.
     """
 
     def __init__(
-        self, dataset: Any, batch_sampler: BucketBatchSampler, batches_done: Callable[[], int], **kwargs: Any
+        self, dataset: Any, batch_sampler: BucketBatchSampler, progress: Callable[[], tuple[int, int]], **kwargs: Any
     ) -> None:
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
-        self._batches_done = batches_done
+        self._progress = progress
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.batch_sampler.epoch, "batches_done": int(self._batches_done())}
+        epoch, batches_done = self._progress()
+        return {"epoch": int(epoch), "batches_done": int(batches_done)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_done"]))
