@@ -138,11 +138,14 @@ class DrafterModule(L.LightningModule):
             return
         per_rank = rank_accuracy(totals["hits"], totals["n"])
         top1, topk = per_rank[:, 0], per_rank.sum(-1)
-        self.log("val/loss", float(totals["loss"] / totals["loss_weight"]), prog_bar=True, sync_dist=False)
-        self.log("val/tau_est", chain_tau(top1), prog_bar=True)
+        # every process holds the same totals already; sync_dist only averages equal values (and keeps
+        # Lightning from warning about unsynchronised epoch metrics)
+        metrics = {"val/loss": float(totals["loss"] / totals["loss_weight"])}
         for k in range(len(top1)):
-            self.log(f"val/acc_top1/pos{k + 1}", float(top1[k]))
-            self.log(f"val/acc_top{per_rank.shape[1]}/pos{k + 1}", float(topk[k]))
+            metrics[f"val/acc_top1/pos{k + 1}"] = float(top1[k])
+            metrics[f"val/acc_top{per_rank.shape[1]}/pos{k + 1}"] = float(topk[k])
+        self.log_dict(metrics, sync_dist=True)
+        self.log("val/tau_est", chain_tau(top1), prog_bar=True, sync_dist=True)
         self.val_rank_accuracy = per_rank.float().cpu()
         if not self.trainer.sanity_checking and hasattr(self.drafter, "set_tree"):
             self._set_measured_tree(per_rank)
