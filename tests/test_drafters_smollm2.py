@@ -14,6 +14,15 @@ from eval.plain_drafter import PlainDrafter
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # batch-1 decoding on a shared, loaded CPU: a second thread mostly waits at barriers (measured 10x slower)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def chat_ids(target) -> list[int]:
     messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
     text = target.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
