@@ -15,6 +15,7 @@ import datasets
 import torch
 from tqdm import tqdm
 
+from data.chat import resolve_template
 from data.config import DataConfig
 from data.prompts import Conversation, load_prompts, prompts_hash
 from data.regenerate import regenerate
@@ -26,7 +27,7 @@ from drafters.target import Target, cache_root
 
 def resolve_prompts(cfg: DataConfig, target: Target) -> list[Conversation]:
     if cfg.prompts == "synth":
-        conversations = synthesize_prompts(target, cfg.synth, cfg.system_prompt, cfg.seed)
+        conversations = synthesize_prompts(target, cfg.synth, cfg.system_prompt, cfg.seed, cfg.chat_template)
         return conversations[: cfg.limit] if cfg.limit else conversations
     return load_prompts(cfg.prompts, cfg.split, cfg.limit)
 
@@ -36,7 +37,7 @@ def run_identity(cfg: DataConfig, target: Target, conversations: list[Conversati
     return {
         "target": target.identity.to_dict(),
         "tokenizer_hash": target.identity.tokenizer_hash,
-        "chat_template": target.identity.chat_template,
+        "chat_template": resolve_template(target.tokenizer, cfg.chat_template),
         "generation": cfg.generation(),
         "prompts_hash": prompts_hash(conversations),
     }

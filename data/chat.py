@@ -14,20 +14,43 @@ from drafters.errors import DraftsmithError
 
 SENTINEL = "\x1eDRAFTSMITH-ANSWER\x1e"
 
+# Chat formats of targets whose tokenizer ships no chat template, selectable by name as data.chat_template.
+NAMED_TEMPLATES = {
+    "vicuna": (
+        "{% for message in messages %}{% if loop.first %}{% if message['role'] == 'system' %}"
+        "{{ message['content'] }}{% else %}{{ 'A chat between a curious user and an artificial intelligence "
+        "assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' }}"
+        "{% endif %}{% endif %}{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
+    ),
+}
+
+
+def resolve_template(tokenizer: Any, chat_template: str | None) -> str:
+    """The Jinja chat template in use: a named one, a literal one, or the tokenizer's own."""
+    template = NAMED_TEMPLATES.get(chat_template, chat_template) if chat_template else None
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DraftsmithError(
+            "the target's tokenizer has no chat template; set data.chat_template to a Jinja template or one of: "
+            + ", ".join(NAMED_TEMPLATES)
+        )
+    return template
+
 
 class ChatTemplate:
     """Template segments of one tokenizer's chat template."""
 
-    def __init__(self, tokenizer: Any, system_prompt: str | None = None) -> None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise DraftsmithError("the target's tokenizer has no chat template; use an instruct/chat target")
+    def __init__(self, tokenizer: Any, system_prompt: str | None = None, chat_template: str | None = None) -> None:
         self.tokenizer = tokenizer
+        self.template = resolve_template(tokenizer, chat_template)
         self.system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = self._stop_ids()
 
     def render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            self.system + messages, tokenize=False, add_generation_prompt=generation_prompt
+            self.system + messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
         )
 
     def encode(self, text: str) -> list[int]:
@@ -62,6 +85,19 @@ class ChatTemplate:
         )
         return closed[closed.rindex(SENTINEL) + len(SENTINEL) :]
 
+    def _stop_ids(self) -> list[int]:
+        """End-of-turn ids: the tokenizer's eos plus the special token the template closes an answer with."""
+        tokenizer = self.tokenizer
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        tail = self.end_of_turn_text().strip()
+        special = set(tokenizer.all_special_ids)
+        for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"][:1]:
+            if token_id in special and token_id not in ids:
+                ids.append(token_id)
+        if not ids:
+            raise DraftsmithError("the target's tokenizer has no eos token and its chat template no end-of-turn token")
+        return ids
+
     def _after_stop_token(self, tail: str) -> str:
         for stop in self.stop_ids:
             text = self.tokenizer.decode([stop])
@@ -69,19 +105,3 @@ class ChatTemplate:
             if text and at >= 0 and not tail[:at].strip():
                 return tail[at + len(text) :]
         return tail
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos plus any token the template closes an answer with."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    probe = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}], tokenize=False
-    )
-    tail = probe[probe.rindex(SENTINEL) + len(SENTINEL) :].strip()
-    special = set(tokenizer.all_special_ids)
-    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"][:1]:
-        if token_id in special and token_id not in ids:
-            ids.append(token_id)
-    if not ids:
-        raise DraftsmithError("the target's tokenizer has no eos token and its chat template no end-of-turn token")
-    return ids

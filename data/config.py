@@ -107,6 +107,7 @@ class DataConfig:
     top_p: float = 1.0
     seed: int = 0
     system_prompt: str | None = None
+    chat_template: str | None = None
     batch_size: int = 32
     shard_rows: int = 64
     cache_implementation: str = "static"
@@ -144,6 +145,12 @@ class DataConfig:
             "system_prompt",
             "null (the template's default) or a string",
             self.system_prompt,
+        )
+        _check(
+            self.chat_template is None or isinstance(self.chat_template, str),
+            "chat_template",
+            "null (the tokenizer's own), a template name or a Jinja template",
+            self.chat_template,
         )
         _check(_is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
         _check(_is_int(self.shard_rows) and self.shard_rows > 0, "shard_rows", "a positive integer", self.shard_rows)

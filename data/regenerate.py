@@ -100,7 +100,7 @@ def regenerate(
     whose next turn would not fit the target's context stops there; one whose first turn does not fit
     gives no row.
     """
-    template = ChatTemplate(target.tokenizer, cfg.system_prompt)
+    template = ChatTemplate(target.tokenizer, cfg.system_prompt, cfg.chat_template)
     chats = [_Chat(c) for c in conversations]
     limit = _context_limit(target)
     for turn in range(max((len(c.turns) for c in conversations), default=0)):

@@ -49,10 +49,11 @@ def _dedup_key(line: str) -> str:
     return " ".join(line.lower().split())
 
 
-def _cache_file(target: Target, cfg: SynthConfig, system_prompt: str | None, seed: int) -> Path:
+def _cache_file(target: Target, cfg: SynthConfig, template: ChatTemplate, seed: int) -> Path:
     key = {
         "target": target.identity.to_dict(),
-        "system_prompt": system_prompt,
+        "chat_template": template.template,
+        "system": template.system,
         "seed": seed,
         "temperature": float(cfg.temperature),
         "top_p": float(cfg.top_p),
@@ -111,11 +112,15 @@ def _sample_batch(target: Target, header_ids: list[int], cfg: SynthConfig, stop_
 
 
 def synthesize_prompts(
-    target: Target, cfg: SynthConfig, system_prompt: str | None = None, seed: int = 0
+    target: Target,
+    cfg: SynthConfig,
+    system_prompt: str | None = None,
+    seed: int = 0,
+    chat_template: str | None = None,
 ) -> list[Conversation]:
     """``cfg.n`` distinct single-turn prompts written by the target, cached under the shared cache folder."""
-    template = ChatTemplate(target.tokenizer, system_prompt)
-    path = _cache_file(target, cfg, system_prompt, seed)
+    template = ChatTemplate(target.tokenizer, system_prompt, chat_template)
+    path = _cache_file(target, cfg, template, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     batches = _read_batches(path)
     seen: set[str] = set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import replace
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from data import build_distilled, load_distilled, read_manifest
+from data.chat import ChatTemplate
 from data.config import DataConfig
 from data.prompts import Conversation
 from data.regenerate import regenerate
@@ -156,3 +158,17 @@ def test_incomplete_folder_does_not_load(tiny_target: Target, tmp_path: Path) ->
     assert len(load_distilled(folder, allow_incomplete=True)) == 5
     with pytest.raises(DraftsmithError, match="not a distillation data folder"):
         load_distilled(tmp_path)
+
+
+def test_named_template_for_a_tokenizer_without_one(tiny_target: Target) -> None:
+    bare = copy.copy(tiny_target.tokenizer)
+    bare.chat_template = None
+    with pytest.raises(DraftsmithError, match="set data.chat_template.*vicuna"):
+        ChatTemplate(bare)
+    template = ChatTemplate(bare, chat_template="vicuna")
+    first = bare.decode(template.first_prompt("Hi there"))
+    assert first.startswith("A chat between") and first.endswith("questions. USER: Hi there ASSISTANT:")
+    eos = bare.eos_token
+    assert bare.decode(template.next_prompt(["Hi there"], "More?", answer_stopped=True)) == " USER: More? ASSISTANT:"
+    cut = bare.decode(template.next_prompt(["Hi there"], "More?", answer_stopped=False))
+    assert cut == f"{eos} USER: More? ASSISTANT:"  # a cut answer's turn is closed by the template
