@@ -191,9 +191,9 @@ class AmphistaDrafter(TreeMixin, Drafter):
 
     def bind(self, target: nn.Module) -> None:
         weight = borrow_lm_head(self.borrowed, target)
-        embeddings = target.get_input_embeddings().weight
+        embeddings = target.get_input_embeddings()
         vocab, hidden = weight.shape
-        if embeddings.shape[1] != hidden:
+        if embeddings.weight.shape[1] != hidden:
             raise DraftsmithError(
                 f"amphista needs embeddings as wide as the hidden state; {type(target).__name__} differs"
             )

@@ -31,30 +31,41 @@ class Borrowed:
     """Frozen tensors borrowed from the target (LM head, input embeddings).
 
     A plain object, not a module: what it holds never enters ``state_dict``, ``parameters()`` or the
-    optimizer. `get` returns a tensor on the device and in the dtype the drafter runs in, converting at
-    most once per (device, dtype) and reusing the target's own tensor when they already match.
+    optimizer. It keeps the target's *modules* and reads their tensors at each use, so it follows the target
+    when a trainer moves it to another device. `get` returns the tensor on the device and in the dtype the
+    drafter runs in: the target's own tensor when they match, else a copy made once and reused.
     """
 
     def __init__(self) -> None:
-        self._source: dict[str, torch.Tensor] = {}
-        self._converted: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._owners: dict[str, tuple[nn.Module, str]] = {}
+        self._converted: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __contains__(self, name: str) -> bool:
-        return name in self._source
+        return name in self._owners
 
-    def set(self, name: str, tensor: torch.Tensor) -> None:
-        self._source[name] = tensor.detach()
-        self._converted = {key: t for key, t in self._converted.items() if key[0] != name}
+    def __deepcopy__(self, memo: dict[int, Any]) -> Borrowed:
+        """A copied drafter borrows from the same target; copying the target would defeat borrowing."""
+        twin = Borrowed()
+        twin._owners = dict(self._owners)
+        return twin
+
+    def set(self, name: str, owner: nn.Module, attribute: str = "weight") -> None:
+        self._owners[name] = (owner, attribute)
 
     def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        if name not in self._source:
+        if name not in self._owners:
             raise DraftsmithError(f"the drafter has no {name} yet: call drafter.bind(target_model) first")
+        owner, attribute = self._owners[name]
+        source = getattr(owner, attribute).detach()
+        if source.device == torch.device(device) and source.dtype == dtype:
+            return source
         key = (name, torch.device(device), dtype)
-        if key not in self._converted:
+        cached = self._converted.get(key)
+        if cached is None or cached[0].data_ptr() != source.data_ptr() or cached[0].device != source.device:
             # A copy made under the evaluator's inference_mode could not be used by training later on.
             with torch.inference_mode(False):
-                self._converted[key] = self._source[name].to(device=device, dtype=dtype)
-        return self._converted[key]
+                self._converted[key] = (source, source.to(device=device, dtype=dtype))
+        return self._converted[key][1]
 
 
 def borrow_lm_head(borrowed: Borrowed, target: nn.Module) -> torch.Tensor:
@@ -62,9 +73,9 @@ def borrow_lm_head(borrowed: Borrowed, target: nn.Module) -> torch.Tensor:
     head = target.get_output_embeddings()
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise DraftsmithError(f"{type(target).__name__} has no output embeddings (LM head) to share with a drafter")
-    borrowed.set("lm_head", head.weight)
+    borrowed.set("lm_head", head)
     if getattr(head, "bias", None) is not None:
-        borrowed.set("lm_head_bias", head.bias)
+        borrowed.set("lm_head_bias", head, "bias")
     return head.weight
 
 

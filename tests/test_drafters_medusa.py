@@ -3,6 +3,7 @@ persistence, and the recipe's defaults."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -106,6 +107,21 @@ def test_gradients_reach_only_the_drafter(target, share_lm_head: bool) -> None:
     if not share_lm_head:
         copies = drafter.heads.projections.detach()
         assert torch.equal(copies[1], target.lm_head.weight)
+
+
+def test_borrowed_weights_follow_the_target_and_are_never_copied_with_the_drafter() -> None:
+    target = tiny_llama()
+    drafter = medusa(target).double()
+    hidden = torch.randn(3, 32, dtype=torch.float64)
+    state = DecodeState(tokens=torch.arange(4), prompt_len=2, hidden={-1: hidden})
+    expected = hidden[-1] @ target.lm_head.weight.double().T
+    assert drafter.draft_logits(state).dtype == torch.float64
+    assert torch.allclose(drafter.draft_logits(state)[0], expected)
+    target.double()  # a trainer moving the target: the drafter reads the moved weights, no stale copy
+    lm_head = drafter.borrowed.get("lm_head", torch.device("cpu"), torch.float64)
+    assert lm_head.data_ptr() == target.lm_head.weight.data_ptr()
+    twin = copy.deepcopy(drafter)
+    assert twin.borrowed.get("lm_head", torch.device("cpu"), torch.float64).data_ptr() == lm_head.data_ptr()
 
 
 def test_propose_hangs_each_heads_topk_in_the_tree(target) -> None:
