@@ -19,16 +19,18 @@ ConfigStore.instance().store(name="eval", node=OmegaConf.load(PRIMARY_CONFIG))
 
 
 def run(cfg: DictConfig) -> dict:
-    from drafters.target import load_target
-    from eval.loading import load_drafter
     from eval.questions import DEFAULT_QUESTIONS, load_questions
-    from eval.runner import evaluate
 
+    # questions first: a bad file is reported before the slow imports and the target load
     questions = load_questions(cfg.questions or DEFAULT_QUESTIONS)
     if cfg.limit is not None:
         if int(cfg.limit) < 1:
             raise DraftsmithError(f"limit must be >= 1 (or null for all), got {cfg.limit}")
         questions = questions[: int(cfg.limit)]
+    from drafters.target import load_target
+    from eval.loading import load_drafter
+    from eval.runner import evaluate
+
     target = load_target(str(cfg.target))
     drafter = load_drafter(str(cfg.drafter), target)
     return evaluate(
