@@ -100,7 +100,7 @@ class SpeculativeDecoder:
                 self._hidden[layer] = torch.empty(size, dtype=self.dtype, device=self.device)
         return {layer: self._hidden[layer] for layer in layers}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -138,7 +138,7 @@ class SpeculativeDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(warp(logits, self.sampling), 1, generator=generator))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def generate(
         self,
         prompt_ids: list[int] | torch.Tensor,
@@ -163,9 +163,7 @@ class SpeculativeDecoder:
 
         n = prompt.numel()
         causal = torch.ones(n, n, dtype=torch.bool).tril()
-        logits, hidden = self.forward(
-            prompt, 0, torch.arange(n), causal, hidden=bool(layers), last_logits_only=True
-        )
+        logits, hidden = self.forward(prompt, 0, torch.arange(n), causal, hidden=bool(layers), last_logits_only=True)
         for layer, buffer in buffers.items():
             buffer[:n] = hidden[layer][0]
         first = self._choose(logits[-1], generator)
@@ -226,4 +224,3 @@ class SpeculativeDecoder:
             if token in self.eos_ids:
                 return new[: i + 1]
         return new
-

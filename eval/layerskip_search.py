@@ -78,7 +78,7 @@ def load_or_search(target: Target, *, budget: int = 12, progress: bool = True) -
     picked = [q for q in questions if q.category in ("writing", "qa", "summarisation")][::2][:3]
     prompts = [prompt_ids(target.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in picked]
     decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer))
-    with torch.inference_mode():
+    with torch.no_grad():
         skip, tokens_per_s = search_skip_layers(decoder, prompts, budget=budget, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"skip_layers": skip, "tokens_per_s": tokens_per_s, "budget": budget, "target": target.identity.name}

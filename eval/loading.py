@@ -45,9 +45,7 @@ def load_drafter(name_or_path: str | Path, target: Target) -> Drafter:
         return load_or_search(target)
     register_drafter_kinds()
     try:
-        drafter = Drafter.from_pretrained(
-            name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash
-        )
+        drafter = Drafter.from_pretrained(name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise DraftsmithError(f"{err}; training-free drafters: {', '.join(TRAINING_FREE)}") from None
     _check_target(drafter, name, target)
