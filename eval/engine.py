@@ -116,15 +116,15 @@ class SpeculativeDecoder:
         and, with ``hidden``, transformers' ``hidden_states`` tuple."""
         cache = self.cache
         rows = input_ids.numel()
-        mask = torch.full((rows, cache.capacity), torch.finfo(self.dtype).min, dtype=self.dtype)
+        mask = torch.full((rows, cache.capacity), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         mask[:, :start] = 0.0
-        mask[:, start : start + rows].masked_fill_(visible, 0.0)
+        mask[:, start : start + rows].masked_fill_(visible.to(self.device), 0.0)
         cache.write_at(start)
         began = time.perf_counter()
         out = self.model(
             input_ids=input_ids.view(1, -1).to(self.device),
             position_ids=(depths + start).view(1, -1).to(self.device),
-            attention_mask=mask.view(1, 1, rows, -1).to(self.device),
+            attention_mask=mask.view(1, 1, rows, -1),
             past_key_values=cache.cache,
             use_cache=True,
             output_hidden_states=hidden,
@@ -191,7 +191,7 @@ class SpeculativeDecoder:
             draft = tree.truncate(draft, min(self.max_draft_nodes, cache.capacity - length - 1))
             shape = tree.layout(draft.parents)
             start = length - 1
-            step_input = torch.cat([tokens[start : start + 1], draft.tokens.to(torch.long)])
+            step_input = torch.cat([tokens[start : start + 1], draft.tokens])
             logits, hidden = self.forward(step_input, start, shape.depths, shape.visible, hidden=bool(layers))
             if self.sampling.greedy:
                 verdict = acceptance.accept_greedy(draft, shape, logits)

@@ -29,18 +29,19 @@ def validate(draft: Draft) -> None:
     n = len(draft)
     if draft.parents.numel() != n:
         raise DraftsmithError(f"draft has {n} tokens but {draft.parents.numel()} parents; give one parent per node")
-    if n and bool((draft.parents >= torch.arange(n)).any() or (draft.parents < -1).any()):
+    parents = draft.parents.cpu()
+    if n and bool((parents >= torch.arange(n)).any() or (parents < -1).any()):
         raise DraftsmithError("draft parents must satisfy -1 <= parents[i] < i (topological order)")
     if draft.probs is not None and draft.probs.shape[0] != n:
         raise DraftsmithError(f"draft has {n} tokens but probs for {draft.probs.shape[0]} nodes")
 
 
 def truncate(draft: Draft, max_nodes: int) -> Draft:
-    """The first ``max_nodes`` nodes: still a tree, because nodes are in topological order."""
-    if len(draft) <= max_nodes:
-        return draft
+    """The first ``max_nodes`` nodes (still a tree: nodes are in topological order), with tokens and
+    parents on the CPU where the engine walks the tree; ``probs`` stay where the drafter made them."""
     probs = None if draft.probs is None else draft.probs[:max_nodes]
-    return Draft(tokens=draft.tokens[:max_nodes], parents=draft.parents[:max_nodes], probs=probs)
+    tokens = draft.tokens[:max_nodes].to("cpu", torch.long)
+    return Draft(tokens=tokens, parents=draft.parents[:max_nodes].to("cpu", torch.long), probs=probs)
 
 
 def layout(parents: torch.Tensor) -> TreeLayout:
