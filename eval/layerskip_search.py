@@ -34,8 +34,8 @@ def search_skip_layers(
     decoder: SpeculativeDecoder,
     prompts: list[list[int]],
     *,
-    budget: int = 12,
-    max_new_tokens: int = 24,
+    budget: int = 8,
+    max_new_tokens: int = 16,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[int], float]:
@@ -66,7 +66,7 @@ def skip_file(target: Target) -> Path:
     return cache_root() / "layerskip" / f"{target.identity.name}-{target.identity.weights_hash[:16]}.json"
 
 
-def load_or_search(target: Target, *, budget: int = 12, progress: bool = True) -> LayerSkipDrafter:
+def load_or_search(target: Target, *, budget: int = 8, progress: bool = True) -> LayerSkipDrafter:
     """The layerskip drafter for this target: the saved skip set, or a fresh search saved for next time."""
     path = skip_file(target)
     if path.is_file():
@@ -75,7 +75,7 @@ def load_or_search(target: Target, *, budget: int = 12, progress: bool = True) -
         drafter.bind(target.model)
         return drafter
     questions = load_questions(DEFAULT_QUESTIONS)
-    picked = [q for q in questions if q.category in ("writing", "qa", "summarisation")][::2][:3]
+    picked = [q for q in questions if q.category in ("writing", "qa", "summarisation")][::2][:2]
     prompts = [prompt_ids(target.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in picked]
     decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer))
     with torch.no_grad():

@@ -46,7 +46,9 @@ def load_drafter(name_or_path: str | Path, target: Target) -> Drafter:
     register_drafter_kinds()
     try:
         drafter = Drafter.from_pretrained(name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        raise DraftsmithError(f"{err}; training-free drafters: {', '.join(TRAINING_FREE)}") from None
+    except FileNotFoundError as err:
+        raise DraftsmithError(f"{err}, or a training-free drafter: {', '.join(TRAINING_FREE)}") from None
+    except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
+        raise DraftsmithError(str(err)) from None
     _check_target(drafter, name, target)
     return drafter.to(target.device).eval()
