@@ -6,6 +6,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from drafters.errors import DraftsmithError
 
@@ -18,6 +19,9 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except DraftsmithError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except MissingMandatoryValue as err:  # a recipe's `???`, e.g. the ShareGPT file of the Vicuna recipes
+        print(f"error: {err.full_key} has no value: give it on the command line ({err.full_key}=...)", file=sys.stderr)
         sys.exit(2)
 
 

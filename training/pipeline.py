@@ -113,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     settings = TrainSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     out = Path(cfg.out)
+    ckpt_path = resume_checkpoint(out, bool(cfg.resume))  # before the slow steps: a typo fails at once
     L.seed_everything(int(cfg.seed), workers=True)
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
     data_dir = Path(data.build_distilled(cfg.data, target))
@@ -155,7 +156,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             *checkpoint_callbacks(out / "checkpoints", settings.checkpoint_every_n_steps),
         ],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(out, bool(cfg.resume)))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if not trainer.is_global_zero:
         return None
     return finish(cfg, out, target, module, acceptance, exporter, questions, zero3)
