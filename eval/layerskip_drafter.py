@@ -19,6 +19,7 @@ from torch import nn
 
 from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
 from drafters.errors import DraftsmithError
+from eval.draft_feedback import ChainFeedback
 from eval.sampling import warp
 
 if TYPE_CHECKING:
@@ -78,20 +79,14 @@ class LayerSkipDrafter(Drafter):
 
     def reset(self) -> None:
         self.gamma = self.config.gamma
-        self._last_draft: list[int] = []
-        self._last_len = 0
+        self.feedback = ChainFeedback()
 
     def _adapt(self, tokens: torch.Tensor) -> None:
         """Move gamma by how much of the previous draft the target kept."""
-        if not self._last_draft:
+        accepted = self.feedback.accepted(tokens)
+        if accepted is None:
             return
-        new = tokens[self._last_len :].tolist()
-        accepted = 0
-        for drafted, kept in zip(self._last_draft, new[:-1]):  # the last new token is the target's bonus
-            if drafted != kept:
-                break
-            accepted += 1
-        rate = accepted / len(self._last_draft)
+        rate = accepted / len(self.feedback.draft)
         step = self.config.gamma_step if rate < self.config.target_acceptance else -self.config.gamma_step
         self.gamma = min(max(self.gamma + step, 0.05), 0.95)
 
@@ -115,6 +110,6 @@ class LayerSkipDrafter(Drafter):
                 tokens.append(choice)
                 probs.append(q)
                 token = torch.tensor([choice])
-        self._last_draft, self._last_len = tokens, state.tokens.numel()
+        self.feedback.remember(tokens, state.tokens)
         # greedy drafts are deterministic candidates; sampled ones carry the q they were drawn from
         return Draft.chain(tokens, probs=None if state.greedy else torch.stack(probs))

@@ -4,6 +4,10 @@ An n-gram table over the prompt and every verified token maps each n-gram (n = `
 the position right after its most recent occurrence. To draft, look up the sequence's last n tokens,
 longest n first, backing off to shorter ones, and propose what followed the match. With ``branches > 1`` the
 draft is a small tree: the continuations of the matches at several levels, as sibling alternatives.
+
+With ``adaptive`` the chain length follows acceptance: after a draft was cut at k accepted tokens the next
+one has at most k + 1, after a fully accepted one it grows by 2, up to ``draft_len``. Verifying a token
+is not free on a CPU, so long drafts of a poor match cost more than they win.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 
 from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
 from drafters.errors import DraftsmithError
+from eval.draft_feedback import ChainFeedback
 
 
 @dataclass
@@ -24,6 +29,7 @@ class NgramConfig(DrafterConfig):
     min_n: int = 1
     draft_len: int = 10
     branches: int = 1
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_n <= self.max_n:
@@ -41,6 +47,8 @@ class NgramDrafter(Drafter):
         self.reset()
 
     def reset(self) -> None:
+        self.feedback = ChainFeedback()
+        self.limit = self.config.draft_len
         self._tokens: list[int] = []
         self._tables: dict[int, dict[tuple[int, ...], int]] = {
             n: {} for n in range(self.config.min_n, self.config.max_n + 1)
@@ -67,21 +75,31 @@ class NgramDrafter(Drafter):
             start = self._tables[n].get(tuple(seq[-n:]))
             if start is None:
                 continue
-            continuation = seq[start : start + self.config.draft_len]
+            continuation = seq[start : start + self.limit]
             if continuation and all(c[0] != continuation[0] for c in found):
                 found.append(continuation)
             if len(found) == self.config.branches:
                 break
         return found
 
+    def _adapt(self, tokens: torch.Tensor) -> None:
+        accepted = self.feedback.accepted(tokens)
+        if not self.config.adaptive or accepted is None:
+            return
+        grown = self.limit + 2 if accepted == len(self.feedback.draft) else accepted + 1
+        self.limit = max(1, min(self.config.draft_len, grown))
+
     def propose(self, state: DecodeState) -> Draft:
+        self._adapt(state.tokens)
         self._extend(state.tokens)
         tokens: list[int] = []
         parents: list[int] = []
-        for continuation in self._continuations():
+        continuations = self._continuations()
+        for continuation in continuations:
             parent = -1
             for token in continuation:
                 parents.append(parent)
                 parent = len(tokens)
                 tokens.append(token)
+        self.feedback.remember(continuations[0] if continuations else [], state.tokens)
         return Draft(tokens=torch.tensor(tokens, dtype=torch.long), parents=torch.tensor(parents, dtype=torch.long))
