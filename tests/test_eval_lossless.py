@@ -121,3 +121,25 @@ def test_hidden_states_follow_the_accepted_path(model):
     drafter.bind(model)
     assert_lossless_greedy(model, drafter, [prompt], 16)
     assert drafter.checked > 2
+
+
+def test_qwen_family_target_is_lossless():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    qwen = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    prompt = [3, 1, 4, 1, 5]
+    reference = SpeculativeDecoder(qwen, eos_ids=set()).generate(prompt, PlainDrafter(), 16).tokens
+    trees = RandomTreeDrafter(RandomTreeConfig(max_nodes=10, hit_rate=0.8, branching=0.5), reference, VOCAB)
+    assert_lossless_greedy(qwen, trees, [prompt], 16)
+    assert_lossless_greedy(qwen, LayerSkipDrafter(LayerSkipConfig(skip_layers=[1], gamma=0.0)), [prompt], 16)

@@ -1,0 +1,104 @@
+"""Decoding benchmark on the embedded target (CPU by default). Every comparison is interleaved in one run.
+
+(a) plain decoding through the engine vs transformers' generate(cache_implementation="static");
+(b) engine overhead: wall time outside target forwards and the drafter, as % of a decoding step (bar 10%);
+(c) the ngram drafter on input-grounded categories (summarisation, RAG): tau and speedup over plain.
+
+    python benchmarks/decoding.py [--prompts 2] [--max-new-tokens 32] [--questions 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drafters.target import load_target  # noqa: E402
+from eval.engine import Generation, SpeculativeDecoder  # noqa: E402
+from eval.ngram_drafter import NgramDrafter  # noqa: E402
+from eval.plain_drafter import PlainDrafter  # noqa: E402
+from eval.questions import DEFAULT_QUESTIONS, load_questions  # noqa: E402
+from eval.runner import evaluate, prompt_ids  # noqa: E402
+
+
+def engine_vs_generate(target, prompts: list[list[int]], max_new: int) -> tuple[float, float, list[Generation]]:
+    """Tokens/s of both, alternating prompt by prompt; both forced to produce exactly ``max_new`` tokens."""
+    decoder = SpeculativeDecoder(target.model, eos_ids=set())
+    engine_s = generate_s = 0.0
+    generations = []
+    for prompt in prompts:
+        generation = decoder.generate(prompt, PlainDrafter(), max_new)
+        engine_s += generation.wall_s
+        generations.append(generation)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            target.model.generate(
+                torch.tensor([prompt], device=target.device),
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=target.tokenizer.eos_token_id,
+            )
+        generate_s += time.perf_counter() - began
+    tokens = max_new * len(prompts)
+    return tokens / engine_s, tokens / generate_s, generations
+
+
+def overhead_share(generations: list[Generation]) -> float:
+    """Engine bookkeeping as a share of decoding time (prefill included in both, as a step is)."""
+    wall = sum(g.wall_s for g in generations)
+    return sum(g.overhead_s for g in generations) / wall if wall else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=2, help="prompts for (a) and (b)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--questions", type=int, default=2, help="questions per category for (c)")
+    args = parser.parse_args()
+    console = Console()
+
+    target = load_target("smollm2-135m-instruct")
+    questions = load_questions(DEFAULT_QUESTIONS)
+    general = [q for q in questions if q.category in ("writing", "qa")][: args.prompts]
+    prompts = [prompt_ids(target.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in general]
+
+    console.print("(a)+(b) plain decoding: engine vs transformers generate(static cache), interleaved")
+    engine_tps, generate_tps, plain_gens = engine_vs_generate(target, prompts, args.max_new_tokens)
+
+    decoder = SpeculativeDecoder(target.model, eos_ids=set())
+    ngram_gens = [decoder.generate(p, NgramDrafter(), args.max_new_tokens) for p in prompts]
+
+    console.print("(c) ngram on summarisation and RAG (plain and ngram interleaved per question)")
+    grounded = {c: [q for q in questions if q.category == c][: args.questions] for c in ("summarisation", "rag")}
+    results = {
+        c: evaluate(target, NgramDrafter(), qs, max_new_tokens=args.max_new_tokens, drafter_name="ngram")
+        for c, qs in grounded.items()
+    }
+
+    table = Table(title=f"decoding benchmark, {target.identity.name}, {target.device}, float32")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("bar / note")
+    table.add_row("(a) engine plain tok/s", f"{engine_tps:.2f}", "")
+    table.add_row("(a) generate(static) tok/s", f"{generate_tps:.2f}", "")
+    table.add_row("(a) engine / generate", f"{engine_tps / generate_tps:.2f}x", ">= 1 is at least as fast")
+    table.add_row("(b) engine overhead, plain", f"{100 * overhead_share(plain_gens):.1f}%", "<= 10%")
+    table.add_row("(b) engine overhead, ngram", f"{100 * overhead_share(ngram_gens):.1f}%", "<= 10%")
+    for category, summary in results.items():
+        table.add_row(f"(c) ngram tau, {category}", f"{summary['tau']:.2f}", "")
+        table.add_row(f"(c) ngram speedup, {category}", f"{summary['speedup']:.2f}x", "> 1")
+    console.print(table)
+    console.print("Timings share the CPU with whatever else runs: only the same-run ratios are meaningful.")
+
+
+if __name__ == "__main__":
+    main()
