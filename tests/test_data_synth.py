@@ -1,0 +1,82 @@
+"""Prompt synthesis: seeded, filtered, deduplicated, cached batch by batch, resumable to the same prompts.
+
+The model's sampling is replaced by a seeded draw from a fixed pool of lines (real sampling over a
+49k vocabulary is slow on a shared CPU and is exercised by the regeneration benchmark)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from data.chat import ChatTemplate
+from data.config import SynthConfig
+from data.synth import synthesize_prompts, user_header
+from drafters.errors import DraftsmithError
+from drafters.target import Target
+
+CFG = SynthConfig(n=6, batch_size=4, max_new_tokens=16)
+POOL = [f"How do I learn topic number {i} well?" for i in range(12)] + ["ok", "1234567890123", "Tell me a joke, please"]
+
+
+def pooled_generate(target: Target, pool: list[str] = POOL) -> Any:
+    """Each row: a pool line drawn with torch's global RNG (so seeding decides it), then a newline."""
+    tok = target.tokenizer
+
+    def generate(input_ids: torch.Tensor, max_new_tokens: int, **_: Any) -> torch.Tensor:
+        rows = []
+        for _row in range(input_ids.shape[0]):
+            line = pool[int(torch.randint(len(pool), ()))]
+            ids = tok(line + "\nAnd more", add_special_tokens=False)["input_ids"][:max_new_tokens]
+            rows.append(ids + [tok.eos_token_id] * (max_new_tokens - len(ids)))
+        return torch.cat([input_ids, torch.tensor(rows)], dim=1)
+
+    return generate
+
+
+def test_user_header_comes_from_the_chat_template(tiny_target: Target) -> None:
+    header = user_header(ChatTemplate(tiny_target.tokenizer))
+    assert header.startswith("<|im_start|>system\n") and header.endswith("<|im_end|>\n<|im_start|>user\n")
+    custom = user_header(ChatTemplate(tiny_target.tokenizer, system_prompt="Be brief."))
+    assert custom == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+
+
+def test_synthesis_is_seeded_filtered_cached_and_resumable(
+    tiny_target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_target.model, "generate", pooled_generate(tiny_target))
+    first = synthesize_prompts(tiny_target, CFG, seed=1)
+    texts = [c.turns[0] for c in first]
+    assert len(set(texts)) == 6 and set(texts) <= set(POOL) - {"ok", "1234567890123"}
+    assert [c.id for c in first] == [f"synth-{i:05d}" for i in range(6)]
+    (cache,) = (tmp_path / "prompts").iterdir()
+    batches = cache.read_text().splitlines()
+    assert len(batches) >= 2
+
+    def no_generation(*_: Any, **__: Any) -> None:
+        raise AssertionError("cached prompts were synthesized again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tiny_target.model, "generate", no_generation)
+        assert synthesize_prompts(tiny_target, CFG, seed=1) == first
+
+    # Killed after the first batch, while writing the second: the run continues to the same prompts.
+    cache.write_text(batches[0] + "\n" + '{"batch": 1, "prom')
+    assert synthesize_prompts(tiny_target, CFG, seed=1) == first
+    assert cache.read_text().splitlines() == batches
+
+    assert synthesize_prompts(tiny_target, CFG, seed=2) != first
+    more = synthesize_prompts(tiny_target, SynthConfig(n=9, batch_size=4, max_new_tokens=16), seed=1)
+    assert more[:6] == first  # a larger n extends the same cache
+
+
+def test_a_target_that_writes_no_usable_prompt_is_stopped(
+    tiny_target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_target.model, "generate", pooled_generate(tiny_target, ["ok", "1234567890123", ""]))
+    with pytest.raises(DraftsmithError, match="only 0 usable prompts"):
+        synthesize_prompts(tiny_target, SynthConfig(n=2, batch_size=2, max_new_tokens=16))
