@@ -78,8 +78,12 @@ def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any, draft
 
 
 def checkpoint_callbacks(directory: Path, every_n_steps: int) -> list[ModelCheckpoint]:
-    """last.ckpt after every ``every_n_steps`` optimizer steps and at every epoch end (whichever is later)."""
-    common = {"dirpath": directory, "save_top_k": 1, "save_last": True, "enable_version_counter": False}
+    """last.ckpt after every ``every_n_steps`` optimizer steps and at every epoch end (whichever is later).
+
+    Two callbacks because Lightning makes step and epoch triggers exclusive; last.ckpt is a link to the newer
+    of their two files, so each checkpoint is written once.
+    """
+    common = {"dirpath": directory, "save_top_k": 1, "save_last": "link", "enable_version_counter": False}
     return [
         ModelCheckpoint(filename="mid-epoch", every_n_train_steps=every_n_steps, **common),
         ModelCheckpoint(filename="epoch-end", every_n_epochs=1, save_on_train_epoch_end=True, **common),
@@ -156,7 +160,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             *checkpoint_callbacks(out / "checkpoints", settings.checkpoint_every_n_steps),
         ],
     )
+    device = target.device
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    module.to(device)  # Lightning's teardown moves the module to the CPU; the final eval runs where training did
     if not trainer.is_global_zero:
         return None
     return finish(cfg, out, target, module, acceptance, exporter, questions, zero3)

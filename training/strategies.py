@@ -9,6 +9,7 @@ target copy per GPU and partitions only the drafter's optimizer state and gradie
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from lightning.pytorch.strategies import DDPStrategy, Strategy
@@ -16,13 +17,17 @@ from lightning.pytorch.strategies import DDPStrategy, Strategy
 from drafters.errors import DraftsmithError
 from training.settings import TrainSettings
 
+# Rank 0 runs the acceptance eval alone after each epoch while the other ranks wait in their next
+# collective: the default 30-minute process-group timeout is too short for a 7B model's eval.
+COLLECTIVE_TIMEOUT = timedelta(hours=4)
+
 
 def build_strategy(settings: TrainSettings) -> str | Strategy:
     if settings.strategy == "auto":
         return "auto"
     if settings.strategy == "ddp":
         backend = "gloo" if settings.accelerator == "cpu" else "nccl"
-        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False)
+        return DDPStrategy(process_group_backend=backend, find_unused_parameters=False, timeout=COLLECTIVE_TIMEOUT)
     try:
         import deepspeed  # noqa: F401 - only checking it is installed
     except ImportError:
@@ -31,7 +36,7 @@ def build_strategy(settings: TrainSettings) -> str | Strategy:
         ) from None
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    return DeepSpeedStrategy(stage=settings.zero_stage, exclude_frozen_parameters=True)
+    return DeepSpeedStrategy(stage=settings.zero_stage, exclude_frozen_parameters=True, timeout=COLLECTIVE_TIMEOUT)
 
 
 def trainer_arguments(settings: TrainSettings) -> dict[str, Any]:
