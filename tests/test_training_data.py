@@ -7,7 +7,7 @@ import torch
 from test_training_support import tiny_rows
 
 from drafters.errors import DraftsmithError
-from training.datamodule import DistillDataModule, held_out_split
+from training.datamodule import DistillDataModule, PadCollator, held_out_split
 from training.sampling import BucketBatchSampler
 
 
@@ -59,6 +59,12 @@ def test_processes_get_disjoint_equal_shares():
     assert not set(i for b in shards[0] for i in b) & set(i for b in shards[1] for i in b)
     val = [list(BucketBatchSampler(lengths, 4, shuffle=False, num_replicas=2, rank=r)) for r in (0, 1)]
     assert sorted(i for shard in val for b in shard for i in b) == list(range(42))  # validation keeps every row
+    assert len(val[0]) == len(val[1]) == 6 and val[1][-1] == []  # 11 batches, padded with an empty one
+
+
+def test_an_empty_padding_batch_counts_nothing():
+    batch = PadCollator(pad_id=5)([])
+    assert batch["input_ids"].tolist() == [[5, 5]] and batch["loss_mask"].sum() == 0
 
 
 def test_resume_skips_done_batches_once():

@@ -18,7 +18,9 @@ from training.datamodule import DistillDataModule
 from training.features import OnlineFeatures
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {"strategy": "ddp", "devices": 2, "max_epochs": 2, "checkpoint_every_n_steps": 2}
+# 6 held-out rows in batches of 2: 3 validation batches, so one process also gets an empty padding batch
+TRAIN = {"strategy": "ddp", "devices": 2, "max_epochs": 2, "checkpoint_every_n_steps": 2, "batch_size": 2,
+         "val_fraction": 0.25}
 
 
 def train_on_two_processes(out: Path) -> None:
@@ -38,8 +40,8 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
-    # 19 training rows in batches of 4 = 5 batches; 2 per process per epoch (the odd one is dropped)
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 4
+    # 18 training rows in batches of 2 = 9 batches; 4 per process per epoch (the odd one is dropped)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 8
     for name, value in ranks[0]["weights"].items():
         assert torch.equal(value, ranks[1]["weights"][name]), name  # gradients were all-reduced
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
@@ -48,7 +50,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     target = tiny_target()
     drafter = tiny_drafter(target, share_lm_head=False)
     drafter.load_state_dict(ranks[0]["weights"])
-    datamodule = DistillDataModule(tiny_rows(), batch_size=4, val_fraction=0.2, max_length=64, pad_id=0)
+    datamodule = DistillDataModule(tiny_rows(), batch_size=2, val_fraction=0.25, max_length=64, pad_id=0)
     hits, n = 0, 0
     with torch.no_grad():
         for batch in datamodule.val_dataloader():

@@ -44,6 +44,8 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:  # an evaluation padding batch (see BucketBatchSampler): one row that counts nothing
+            rows = [{"row": 0, "input_ids": [self.pad_id, self.pad_id], "loss_mask": [0, 0]}]
         width = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -130,10 +130,12 @@ class DrafterModule(L.LightningModule):
             self._val_sums[key] = self._val_sums.get(key, 0) + value
 
     def on_validation_epoch_end(self) -> None:
-        sums = self._val_sums
-        if not sums:  # this process had no validation batches; the others still reduce
-            sums = self._empty_val_sums()
-        totals = {k: self.trainer.strategy.reduce(v.to(self.device), reduce_op="sum") for k, v in sums.items()}
+        if not self._val_sums:  # no validation batches (e.g. a sanity check of zero steps)
+            return
+        totals = {
+            k: self.trainer.strategy.reduce(torch.as_tensor(v, device=self.device), reduce_op="sum")
+            for k, v in self._val_sums.items()
+        }
         if float(totals["n"][0]) == 0:
             return
         per_rank = rank_accuracy(totals["hits"], totals["n"])
@@ -156,17 +158,6 @@ class DrafterModule(L.LightningModule):
         heads, ranks = per_rank.shape
         n_nodes = min(int(getattr(self.drafter.config, "tree_nodes", 63)), max_tree_nodes(heads, ranks))
         self.drafter.set_tree(build_tree(per_rank.clamp(0.0, 1.0).tolist(), n_nodes))
-
-    def _empty_val_sums(self) -> dict[str, torch.Tensor]:
-        """Zeros shaped like a validation step's sums, from one dry step on a two-token batch."""
-        probe = {"input_ids": torch.zeros((1, 2), dtype=torch.long, device=self.device),
-                 "attention_mask": torch.ones((1, 2), dtype=torch.long, device=self.device),
-                 "loss_mask": torch.ones((1, 2), dtype=torch.long, device=self.device),
-                 "row": torch.zeros(1, dtype=torch.long, device=self.device)}
-        out = self._step(probe)
-        zeros = torch.zeros((), dtype=torch.double)
-        return {"hits": torch.zeros_like(out["topk_hits"], dtype=torch.double),
-                "n": torch.zeros_like(out["n"], dtype=torch.double), "loss": zeros, "loss_weight": zeros}
 
     # -- checkpoints: drafter only, plus what an exact resume needs ---------------------------
 

@@ -20,8 +20,9 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Training order: shuffle rows, cut them into chunks of ``sort_chunk`` batches, sort each chunk by length,
     cut it into batches, shuffle the batches. With ``num_replicas > 1`` each process takes every
-    ``num_replicas``-th batch; training drops the tail so every process runs the same number of steps
-    (gradient all-reduce needs that), evaluation keeps it (its totals are summed across processes).
+    ``num_replicas``-th batch and all processes run the same number of steps (collectives need that):
+    training drops the tail; evaluation keeps every row and pads with empty batches instead, which the
+    collator turns into one fully masked row, so totals summed across processes stay exact.
     """
 
     def __init__(
@@ -68,17 +69,17 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def _my_batches(self) -> list[list[int]]:
         batches = self._all_batches()
-        if self.shuffle and self.num_replicas > 1:
+        if self.shuffle:
             batches = batches[: len(batches) // self.num_replicas * self.num_replicas]
+        else:
+            batches += [[]] * (-len(batches) % self.num_replicas)
         return batches[self.rank :: self.num_replicas]
 
     def __len__(self) -> int:
         n_batches = -(-len(self.lengths) // self.batch_size)
-        if self.num_replicas == 1:
-            return n_batches
         if self.shuffle:
             return n_batches // self.num_replicas
-        return len(range(self.rank, n_batches, self.num_replicas))
+        return -(-n_batches // self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
         # Read at the first batch, not when iter() is called: a resuming trainer calls iter() before it
