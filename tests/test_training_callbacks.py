@@ -1,0 +1,70 @@
+"""AcceptanceEval: evaluates after each epoch, logs, and keeps the export of the best tau."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from test_training_support import tiny_drafter, tiny_target
+
+import eval.runner
+from training.callbacks import AcceptanceEval
+from training.export import Exporter
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.logged.append(metrics)
+
+
+def _summary(tau: float) -> dict:
+    return {"tau": tau, "alpha": [tau - 1.0], "speedup": 1.0, "lossless_mismatches": 0, "by_category": {},
+            "n_questions": 1}
+
+
+@pytest.fixture()
+def scripted_taus(monkeypatch):
+    taus = [1.5, 1.2, 1.8]
+    calls = []
+
+    def fake_evaluate(target, drafter, questions, **kwargs):
+        calls.append(kwargs)
+        return _summary(taus[len(calls) - 1])
+
+    monkeypatch.setattr(eval.runner, "evaluate", fake_evaluate)
+    return calls
+
+
+def test_keeps_the_best_export_and_resumes_its_record(tmp_path, scripted_taus):
+    target = tiny_target()
+    drafter = tiny_drafter(target)
+    callback = AcceptanceEval(target, ["q"], Exporter(tmp_path / "export", target.identity, {}), max_new_tokens=4,
+                              out=tmp_path / "epochs")
+    logger = RecordingLogger()
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=0, loggers=[logger])
+    module = SimpleNamespace(drafter=drafter)
+    exported_tau = []
+    for epoch in range(3):
+        trainer.current_epoch = epoch
+        callback.on_train_epoch_end(trainer, module)
+        exported_tau.append(json.loads((tmp_path / "export" / "eval" / "summary.json").read_text())["tau"])
+    assert exported_tau == [1.5, 1.5, 1.8]  # epoch 1 was worse: its drafter was not exported
+    assert callback.best_epoch_dir == tmp_path / "epochs" / "epoch2"
+    assert [m["accept/tau"] for m in logger.logged] == [1.5, 1.2, 1.8] and "accept/alpha_1" in logger.logged[0]
+    assert scripted_taus[0]["max_new_tokens"] == 4 and drafter.training
+
+    restored = AcceptanceEval(target, ["q"], callback.exporter, max_new_tokens=4)
+    restored.load_state_dict(callback.state_dict())
+    assert (restored.best_tau, restored.best_epoch_dir) == (1.8, callback.best_epoch_dir)
+
+
+def test_only_rank_zero_evaluates(tmp_path, scripted_taus):
+    target = tiny_target()
+    callback = AcceptanceEval(target, ["q"], Exporter(tmp_path / "export", target.identity, {}), max_new_tokens=4)
+    trainer = SimpleNamespace(is_global_zero=False, current_epoch=0, global_step=0, loggers=[])
+    callback.on_train_epoch_end(trainer, SimpleNamespace(drafter=tiny_drafter(target)))
+    assert scripted_taus == [] and not (tmp_path / "export").exists()
