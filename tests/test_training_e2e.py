@@ -61,5 +61,12 @@ def test_user_mistakes_end_in_one_error_line_and_exit_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: trainer.strategy='bogus'")
     assert "Traceback" not in done.stderr
-    done = _train(f"out={tmp_path}", "resume=true", timeout=120)
-    assert done.returncode == 2 and "resume=true but" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    from drafters.errors import DraftsmithError
+    from training.pipeline import resume_checkpoint
+
+    assert resume_checkpoint(tmp_path, resume=False) is None
+    with pytest.raises(DraftsmithError, match="resume=true but .*last.ckpt does not exist"):
+        resume_checkpoint(tmp_path, resume=True)
