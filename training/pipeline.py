@@ -115,9 +115,19 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, export, evaluate and (if asked) publish; returns the final evaluation summary on rank 0."""
     import data
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise DraftsmithError(f"{', '.join(missing)} has no value: give it on the command line (KEY=...)")
+    if OmegaConf.select(cfg, "data.prompts") is None:
+        raise DraftsmithError(
+            f"recipe {cfg.recipe_name} needs your prompt file: data.prompts=PATH (a ShareGPT JSON/JSONL, a "
+            "Spec-Bench-style JSONL, or a datasets name)"
+        )
     settings = TrainSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     out = Path(cfg.out)
-    ckpt_path = resume_checkpoint(out, bool(cfg.resume))  # before the slow steps: a typo fails at once
+    # before the slow steps, so a typo or a missing DeepSpeed fails at once
+    ckpt_path = resume_checkpoint(out, bool(cfg.resume))
+    trainer_kwargs = trainer_arguments(settings)
     L.seed_everything(int(cfg.seed), workers=True)
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
     data_dir = Path(data.build_distilled(cfg.data, target))
@@ -150,7 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         seed=int(cfg.seed),
     )
     trainer = L.Trainer(
-        **trainer_arguments(settings),
+        **trainer_kwargs,
         default_root_dir=out,
         logger=TensorBoardLogger(out, name="tensorboard"),
         callbacks=[
