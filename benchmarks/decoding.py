@@ -63,7 +63,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts for (a) and (b)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--questions", type=int, default=2, help="questions per category for (c)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads; batch-1 decoding on a shared CPU stalls with more"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     console = Console()
 
     target = load_target("smollm2-135m-instruct")
@@ -84,7 +88,8 @@ def main() -> None:
         for c, qs in grounded.items()
     }
 
-    table = Table(title=f"decoding benchmark, {target.identity.name}, {target.device}, float32")
+    title = f"decoding benchmark, {target.identity.name}, {target.device}, float32, {args.threads} thread(s)"
+    table = Table(title=title)
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("bar / note")

@@ -27,10 +27,14 @@ def run(cfg: DictConfig) -> dict:
         if int(cfg.limit) < 1:
             raise DraftsmithError(f"limit must be >= 1 (or null for all), got {cfg.limit}")
         questions = questions[: int(cfg.limit)]
+    import torch
+
     from drafters.target import load_target
     from eval.loading import load_drafter
     from eval.runner import evaluate
 
+    if cfg.threads is not None:
+        torch.set_num_threads(int(cfg.threads))
     target = load_target(str(cfg.target))
     drafter = load_drafter(str(cfg.drafter), target)
     return evaluate(
