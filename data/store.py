@@ -48,6 +48,17 @@ def _atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of a distillation folder; DraftsmithError if it is not one."""
     path = Path(directory) / MANIFEST
@@ -97,7 +108,8 @@ class ShardStore:
         """Write shard ``index`` atomically; returns its manifest entry."""
         tmp = self.shards_dir / f".tmp-{index:05d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_list(rows, features=ROW_FEATURES).save_to_disk(str(tmp))
+        with _quiet_datasets():  # our own bar counts rows; one "Saving the dataset" bar per shard is noise
+            datasets.Dataset.from_list(rows, features=ROW_FEATURES).save_to_disk(str(tmp))
         os.rename(tmp, self.shard_path(index))
         return shard_entry(index, rows)
 
