@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
-import drafters
+import drafters  # noqa: F401 - registers the trained drafter kinds
 from drafters.base import Drafter
 from drafters.errors import DraftsmithError
 from drafters.target import Target
@@ -15,12 +13,6 @@ from eval.ngram_drafter import NgramDrafter
 from eval.plain_drafter import PlainDrafter
 
 TRAINING_FREE = ("ar", "ngram", "layerskip")
-
-
-def register_drafter_kinds() -> None:
-    """Import every module of the ``drafters`` package so each trained kind registers itself."""
-    for module in pkgutil.iter_modules(drafters.__path__):
-        importlib.import_module(f"drafters.{module.name}")
 
 
 def _check_target(drafter: Drafter, where: str, target: Target) -> None:
@@ -43,7 +35,6 @@ def load_drafter(name_or_path: str | Path, target: Target) -> Drafter:
         return NgramDrafter()
     if name == "layerskip":
         return load_or_search(target)
-    register_drafter_kinds()
     try:
         drafter = Drafter.from_pretrained(name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
     except FileNotFoundError as err:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from drafters.base import Drafter
-from eval.loading import register_drafter_kinds
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Name three primary colours.", "What is the capital of France?", "Write a haiku about rain.",
@@ -42,7 +41,6 @@ def test_train_py_end_to_end(tmp_path, real_target):
     for name in ("config.json", "model.safetensors", "README.md", "recipe.yaml", "eval/summary.json"):
         assert (run / "export" / name).is_file(), name
     assert (run / "eval" / "summary.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    register_drafter_kinds()
     drafter = Drafter.from_pretrained(run / "export", target=real_target.model,
                                       tokenizer_hash=real_target.identity.tokenizer_hash)
     assert drafter.config.kind == "amphista" and drafter.config.tree is not None  # tree measured on validation

@@ -16,7 +16,6 @@ from conftest import tiny_llama
 
 from drafters.base import Drafter, drafter_class
 from drafters.target import Target, TargetIdentity
-from eval.loading import register_drafter_kinds
 from training.datamodule import DistillDataModule
 from training.features import FeatureSource
 from training.module import DrafterModule
@@ -55,7 +54,6 @@ def tiny_target(vocab: int = VOCAB, tokenizer_hash: str = "tiny-tokenizer") -> T
 
 
 def tiny_drafter(target: Target, kind: str = "medusa", **fields: Any) -> Drafter:
-    register_drafter_kinds()
     cls = drafter_class(kind)
     defaults = {"num_heads": 3, "tree_topk": 4, "tree_nodes": 8}
     if kind == "amphista":

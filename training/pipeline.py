@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from drafters.base import Drafter, TargetNeeds, drafter_class
 from drafters.errors import DraftsmithError
 from drafters.target import Target, load_target
-from eval.loading import register_drafter_kinds
 from training.callbacks import AcceptanceEval
 from training.datamodule import DistillDataModule
 from training.export import Exporter
@@ -32,7 +31,6 @@ def build_drafter(values: Any, target: Target) -> Drafter:
     """A fresh drafter from the `drafter` config group, bound to the target's shared modules."""
     values = dict(OmegaConf.to_container(values, resolve=True) if OmegaConf.is_config(values) else values)
     kind = values.pop("kind", None)
-    register_drafter_kinds()
     try:
         cls = drafter_class(str(kind))
         drafter = cls(cls.config_class.from_dict(values))
