@@ -10,22 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from drafters.chat_templates import NAMED_TEMPLATES
 from drafters.errors import DraftsmithError
 
 SENTINEL = "\x1eDRAFTSMITH-ANSWER\x1e"
-
-# Chat formats of targets whose tokenizer ships no chat template, selectable by name as data.chat_template.
-NAMED_TEMPLATES = {
-    "vicuna": (
-        "{% for message in messages %}{% if loop.first %}{% if message['role'] == 'system' %}"
-        "{{ message['content'] }}{% else %}{{ 'A chat between a curious user and an artificial intelligence "
-        "assistant. The assistant gives helpful, detailed, and polite answers to the user\\'s questions.' }}"
-        "{% endif %}{% endif %}{% if message['role'] == 'user' %}{{ ' USER: ' + message['content'] }}"
-        "{% elif message['role'] == 'assistant' %}{{ ' ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
-        "{% endfor %}{% if add_generation_prompt %}{{ ' ASSISTANT:' }}{% endif %}"
-    ),
-}
-
 
 def resolve_template(tokenizer: Any, chat_template: str | None) -> str:
     """The Jinja chat template in use: a named one, a literal one, or the tokenizer's own."""
@@ -33,7 +21,8 @@ def resolve_template(tokenizer: Any, chat_template: str | None) -> str:
     template = template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise DraftsmithError(
-            "the target's tokenizer has no chat template; set data.chat_template to a Jinja template or one of: "
+            "the target's tokenizer has no chat template; set target.chat_template (or data.chat_template) to a "
+            "Jinja template or one of: "
             + ", ".join(NAMED_TEMPLATES)
         )
     return template

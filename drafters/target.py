@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from drafters.chat_templates import NAMED_TEMPLATES
 from drafters.errors import DraftsmithError
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "target"
@@ -43,6 +44,7 @@ class TargetSpec:
     gguf_file: str | None = None
     dtype: str = "auto"
     device: str = "auto"
+    chat_template: str | None = None  # a name from drafters.chat_templates or a Jinja template
 
     @classmethod
     def from_any(cls, spec: str | Mapping[str, Any]) -> TargetSpec:
@@ -57,7 +59,11 @@ class TargetSpec:
             from omegaconf import OmegaConf
 
             return cls.from_any(OmegaConf.to_container(OmegaConf.load(preset)))
-        return cls(name=Path(spec).name if Path(spec).is_dir() else spec, source=spec)
+        if Path(spec).is_dir():
+            return cls(name=Path(spec).name, source=spec)
+        if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+            raise DraftsmithError(f"target folder {spec} does not exist (nor is it a preset in {PRESETS_DIR})")
+        return cls(name=spec, source=spec)
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,8 @@ def load_target(spec: str | Mapping[str, Any] | TargetSpec = DEFAULT_TARGET) -> 
     except (OSError, ValueError) as err:
         raise DraftsmithError(f"target folder {folder} is not a transformers model ({err})") from None
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if spec.chat_template:
+        tokenizer.chat_template = NAMED_TEMPLATES.get(spec.chat_template, spec.chat_template)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     identity = TargetIdentity(

@@ -71,3 +71,12 @@ def test_dtype_is_validated():
 
 def test_auto_dtype_is_float32_on_cpu(real_target):
     assert real_target.model.dtype == torch.float32
+
+
+def test_path_that_does_not_exist_is_named_as_a_folder():
+    with pytest.raises(DraftsmithError, match="target folder /no/such/model does not exist"):
+        load_target("/no/such/model")
+
+
+def test_named_chat_template_for_tokenizers_without_one():
+    assert TargetSpec.from_any("vicuna-7b-v1.3").chat_template == "vicuna"
