@@ -35,6 +35,17 @@ def alpha(accepted: Sequence[int], offered: Sequence[int], max_k: int | None = N
     return values
 
 
+def chain_tau(top1_accuracy: Sequence[float]) -> float:
+    """Expected tau of a greedy chain from per-position top-1 accuracies: 1 + sum_k prod_{j<=k} acc_j.
+
+    Training's estimate of the tau the evaluator will measure; the leading 1 is the target's bonus token."""
+    expected, survive = 1.0, 1.0
+    for acc in top1_accuracy:
+        survive *= min(max(float(acc), 0.0), 1.0)
+        expected += survive
+    return expected
+
+
 def tokens_per_s(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 

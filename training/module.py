@@ -13,7 +13,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from drafters.base import Drafter
 from drafters.errors import DraftsmithError
-from training.acceptance import chain_tau, rank_accuracy
+from drafters.trees import rank_acc_from_counts
+from eval.metrics import chain_tau
 from training.datamodule import DistillDataModule
 from training.features import FeatureSource, OnlineFeatures
 from training.rng import capture_rng, restore_rng
@@ -71,11 +72,11 @@ class DrafterModule(L.LightningModule):
         out = self._step(batch)
         acc = out["acc"].detach().float()
         self.log("train/loss", out["loss"].detach(), prog_bar=True)
-        self.log("train/tau_est", chain_tau(acc), prog_bar=True)
+        self.log("train/tau_est", chain_tau(acc.tolist()), prog_bar=True)
         for k, value in enumerate(acc.tolist(), start=1):
             self.log(f"train/acc_top1/pos{k}", value)
         if "topk_hits" in out:
-            topk = rank_accuracy(out["topk_hits"].detach(), out["n"].detach()).sum(-1)
+            topk = torch.tensor(rank_acc_from_counts(out["topk_hits"], out["n"])).sum(-1)
             for k, value in enumerate(topk.tolist(), start=1):
                 self.log(f"train/acc_top{out['topk_hits'].shape[-1]}/pos{k}", value)
         now = time.perf_counter()
@@ -138,7 +139,7 @@ class DrafterModule(L.LightningModule):
         }
         if float(totals["n"][0]) == 0:
             return
-        per_rank = rank_accuracy(totals["hits"], totals["n"])
+        per_rank = torch.tensor(rank_acc_from_counts(totals["hits"], totals["n"]), dtype=torch.float64)
         top1, topk = per_rank[:, 0], per_rank.sum(-1)
         # every process holds the same totals already; sync_dist only averages equal values (and keeps
         # Lightning from warning about unsynchronised epoch metrics)
@@ -147,7 +148,7 @@ class DrafterModule(L.LightningModule):
             metrics[f"val/acc_top1/pos{k + 1}"] = float(top1[k])
             metrics[f"val/acc_top{per_rank.shape[1]}/pos{k + 1}"] = float(topk[k])
         self.log_dict(metrics, sync_dist=True)
-        self.log("val/tau_est", chain_tau(top1), prog_bar=True, sync_dist=True)
+        self.log("val/tau_est", chain_tau(top1.tolist()), prog_bar=True, sync_dist=True)
         self.val_rank_accuracy = per_rank.float().cpu()
         if not self.trainer.sanity_checking and hasattr(self.drafter, "set_tree"):
             self._set_measured_tree(per_rank)
