@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from data.build import build_distilled
 from data.store import read_manifest
-from drafters.errors import DraftsmithError
+from drafters.errors import one_line_errors
 from drafters.target import load_target
 
 
@@ -25,11 +23,8 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="../recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         run(cfg)
-    except DraftsmithError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

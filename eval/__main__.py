@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from drafters.errors import DraftsmithError
+from drafters.errors import DraftsmithError, one_line_errors
 
 PRIMARY_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "eval.yaml"
 # Served from the ConfigStore rather than the recipes/ search path: there `drafter` and `target` are config
@@ -52,11 +51,8 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base=None, config_path=None, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         summary = run(cfg)
-    except DraftsmithError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     brief = {k: summary[k] for k in ("drafter", "target", "n_questions", "tau", "speedup", "lossless_mismatches")}
     print(json.dumps(brief))
     print(f"wrote {cfg.out}/summary.json, results.jsonl, report.md and plots")

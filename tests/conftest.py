@@ -11,6 +11,16 @@ from drafters.target import Target, TargetIdentity, load_target
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Batch-1 decoding and tiny models: a second thread mostly waits at barriers (measured up to 10x slower
+    on a loaded 2-core CPU). Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     """A small random Llama; tie_word_embeddings like SmolLM2."""
     torch.manual_seed(seed)

@@ -12,16 +12,9 @@ from drafters.medusa import MedusaConfig, MedusaDrafter
 from eval.engine import SpeculativeDecoder
 from eval.testing import assert_lossless_greedy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEW_TOKENS = 30
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared CPU: waking a second thread costs more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

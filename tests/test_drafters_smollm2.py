@@ -11,16 +11,7 @@ from drafters.medusa import MedusaConfig, MedusaDrafter
 from eval.engine import SpeculativeDecoder, eos_token_ids
 from eval.plain_drafter import PlainDrafter
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # batch-1 decoding on a shared, loaded CPU: a second thread mostly waits at barriers (measured 10x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def chat_ids(target) -> list[int]:

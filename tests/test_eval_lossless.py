@@ -15,6 +15,8 @@ from eval.ngram_drafter import NgramConfig, NgramDrafter
 from eval.plain_drafter import PlainDrafter
 from eval.testing import RandomTreeConfig, RandomTreeDrafter, assert_lossless_greedy
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 64
 
 
@@ -29,15 +31,6 @@ def varied_llama(layers: int = 2, seed: int = 1) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     return varied_llama()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared CPU: thread wake-ups cost more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_plain_engine_matches_recomputing_without_cache(model):

@@ -17,18 +17,11 @@ from eval import acceptance, tree
 from eval.engine import SpeculativeDecoder
 from eval.sampling import SamplingConfig, warp
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 16
 P_THRESHOLD = 1e-3
 SAMPLING = SamplingConfig(temperature=1.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # many tiny tensor ops on a shared CPU: thread wake-ups cost more than the arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_matches(counts: torch.Tensor, expected_probs: torch.Tensor) -> None:
