@@ -10,22 +10,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from drafters.target import load_target  # noqa: E402
-from eval.engine import Generation, SpeculativeDecoder  # noqa: E402
-from eval.ngram_drafter import NgramDrafter  # noqa: E402
-from eval.plain_drafter import PlainDrafter  # noqa: E402
-from eval.questions import DEFAULT_QUESTIONS, load_questions  # noqa: E402
-from eval.runner import evaluate, prompt_ids  # noqa: E402
+from drafters.target import load_target
+from eval.engine import Generation, SpeculativeDecoder
+from eval.ngram_drafter import NgramDrafter
+from eval.plain_drafter import PlainDrafter
+from eval.questions import DEFAULT_QUESTIONS, load_questions
+from eval.runner import evaluate, prompt_ids
 
 
 def engine_vs_generate(target, prompts: list[list[int]], max_new: int) -> tuple[float, float, list[Generation]]:
