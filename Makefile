@@ -5,7 +5,7 @@ PIP := .venv/bin/pip
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 DEMO_OUT ?= outputs/demo
 
-.PHONY: venv demo test lint bench-data bench-eval clean
+.PHONY: venv demo test lint bench-data bench-eval bench-drafting clean
 
 venv: .venv/.installed
 
@@ -32,6 +32,9 @@ bench-data: venv
 
 bench-eval: venv
 	$(PY) benchmarks/decoding.py
+
+bench-drafting: venv
+	$(PY) benchmarks/drafting_cost.py
 
 clean:
 	rm -rf .venv outputs
