@@ -163,7 +163,7 @@ def test_incomplete_folder_does_not_load(tiny_target: Target, tmp_path: Path) ->
 def test_named_template_for_a_tokenizer_without_one(tiny_target: Target) -> None:
     bare = copy.copy(tiny_target.tokenizer)
     bare.chat_template = None
-    with pytest.raises(DraftsmithError, match="set data.chat_template.*vicuna"):
+    with pytest.raises(DraftsmithError, match=r"set target.chat_template \(or data.chat_template\).*vicuna"):
         ChatTemplate(bare)
     template = ChatTemplate(bare, chat_template="vicuna")
     first = bare.decode(template.first_prompt("Hi there"))
