@@ -41,19 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, TargetNeeds, register
+from drafters.base import DecodeState, Draft, Drafter, TargetNeeds, register
 from drafters.errors import DraftsmithError
-from drafters.layers import Borrowed, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
+from drafters.layers import Borrowed, MultiHeadConfig, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
 from drafters.trees import TreeMixin, tree_draft
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class AmphistaConfig(DrafterConfig):
+class AmphistaConfig(MultiHeadConfig):
     kind: ClassVar[str] = "amphista"
 
-    num_heads: int = 4
     num_stages: int = 2
     layers_per_stage: int = 1
     head_layers: int = 1
@@ -63,14 +62,7 @@ class AmphistaConfig(DrafterConfig):
     rope_base: float = 10000.0
     dropout: float = 0.0
     identity_init: bool = True
-    share_lm_head: bool = True
     loss_type: str = "ce"
-    loss_decay: float = 0.8
-    tree: list[list[int]] | None = None
-    tree_nodes: int = 63
-    tree_topk: int = 10
-    hidden_size: int | None = None
-    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_stages <= self.num_heads:
@@ -81,8 +73,7 @@ class AmphistaConfig(DrafterConfig):
             raise DraftsmithError("amphista needs layers_per_stage >= 1, head_layers >= 0 and tree_topk >= 1")
         if self.loss_type not in ("ce", "kl"):
             raise DraftsmithError(f"amphista loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
-        if self.tree is not None:
-            self.tree = [[int(r) for r in path] for path in self.tree]
+        super().__post_init__()
 
     def head_groups(self) -> list[int]:
         """Stage index each head reads: contiguous groups, earlier groups one larger when K % S != 0."""
@@ -198,11 +189,7 @@ class AmphistaDrafter(TreeMixin, Drafter):
                 f"amphista needs embeddings as wide as the hidden state; {type(target).__name__} differs"
             )
         self.borrowed.set("embeddings", embeddings)
-        for name, have in (("hidden_size", hidden), ("vocab_size", vocab)):
-            wanted = getattr(self.config, name)
-            if wanted is not None and wanted != have:
-                raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
-            setattr(self.config, name, have)
+        self.config.adopt_target_sizes(vocab, hidden)
         if not self.built:
             self._build()
             self.to(weight.device)

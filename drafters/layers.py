@@ -4,13 +4,42 @@ they borrow from the frozen target, and their common training loss."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from drafters.base import DrafterConfig
 from drafters.errors import DraftsmithError
+
+
+@dataclass
+class MultiHeadConfig(DrafterConfig):
+    """Fields every multi-head drafter (Medusa, Amphista) shares: its heads, their vocabulary projection, the
+    per-position loss weights and the candidate tree. Kinds add their own fields and checks."""
+
+    num_heads: int = 4
+    share_lm_head: bool = True
+    loss_decay: float = 0.8
+    tree: list[list[int]] | None = None
+    tree_nodes: int = 63
+    tree_topk: int = 10
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tree is not None:
+            self.tree = [[int(r) for r in path] for path in self.tree]
+
+    def adopt_target_sizes(self, vocab: int, hidden: int) -> None:
+        """Take the target's sizes; a drafter saved for other sizes belongs to another target."""
+        for name, have in (("hidden_size", hidden), ("vocab_size", vocab)):
+            wanted = getattr(self, name)
+            if wanted is not None and wanted != have:
+                raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
+            setattr(self, name, have)
 
 
 class ResidualBlock(nn.Module):

@@ -30,31 +30,22 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, TargetNeeds, register
+from drafters.base import DecodeState, Draft, Drafter, TargetNeeds, register
 from drafters.errors import DraftsmithError
-from drafters.layers import Borrowed, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
+from drafters.layers import Borrowed, MultiHeadConfig, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
 from drafters.trees import TreeMixin, tree_draft
 
 
 @dataclass
-class MedusaConfig(DrafterConfig):
+class MedusaConfig(MultiHeadConfig):
     kind: ClassVar[str] = "medusa"
 
-    num_heads: int = 4
     num_layers: int = 1
-    share_lm_head: bool = True
-    loss_decay: float = 0.8
-    tree: list[list[int]] | None = None
-    tree_nodes: int = 63
-    tree_topk: int = 10
-    hidden_size: int | None = None
-    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.num_layers < 0 or self.tree_topk < 1:
             raise DraftsmithError("medusa needs num_heads >= 1, num_layers >= 0 and tree_topk >= 1")
-        if self.tree is not None:
-            self.tree = [[int(r) for r in path] for path in self.tree]
+        super().__post_init__()
 
 
 @register
@@ -80,11 +71,7 @@ class MedusaDrafter(TreeMixin, Drafter):
     def bind(self, target: nn.Module) -> None:
         weight = borrow_lm_head(self.borrowed, target)
         vocab, hidden = weight.shape
-        for name, have in (("hidden_size", hidden), ("vocab_size", vocab)):
-            wanted = getattr(self.config, name)
-            if wanted is not None and wanted != have:
-                raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
-            setattr(self.config, name, have)
+        self.config.adopt_target_sizes(vocab, hidden)
         if self.heads is None:
             self._build()
             self.heads.to(weight.device)
