@@ -26,12 +26,15 @@ class MultiHeadConfig(DrafterConfig):
     tree: list[list[int]] | None = None
     tree_nodes: int = 63
     tree_topk: int = 10
+    rank_acc: list[list[float]] | None = None
     hidden_size: int | None = None
     vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.tree is not None:
             self.tree = [[int(r) for r in path] for path in self.tree]
+        if self.rank_acc is not None:
+            self.rank_acc = [[float(v) for v in row] for row in self.rank_acc]
 
     def adopt_target_sizes(self, vocab: int, hidden: int) -> None:
         """Take the target's sizes; a drafter saved for other sizes belongs to another target."""

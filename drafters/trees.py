@@ -152,7 +152,8 @@ def tree_draft(paths: Sequence[Sequence[int]] | CompiledTree, topk_tokens: torch
 
 class TreeMixin:
     """The tree a multi-head drafter hangs its candidates in: ``config.tree`` if set, else the greedy tree of
-    ``config.tree_nodes`` nodes built from the prior (`prior_rank_acc`)."""
+    ``config.tree_nodes`` nodes built from ``config.rank_acc`` (measured in training) or the prior
+    (`prior_rank_acc`)."""
 
     config: Any
     _compiled_tree: CompiledTree | None = None
@@ -170,7 +171,7 @@ class TreeMixin:
         if self._compiled_tree is None:
             paths = self.config.tree
             if paths is None:
-                paths = build_tree(prior_rank_acc(self.config.num_heads, self.config.tree_topk), self.config.tree_nodes)
+                paths = build_tree(self._rank_acc(), self.config.tree_nodes)
             self._compiled_tree = self._checked_tree(paths)
         return self._compiled_tree
 
@@ -180,3 +181,26 @@ class TreeMixin:
         self.config.tree = [list(path) for path in compiled.paths]
         self.config.tree_nodes = len(compiled.paths)
         self._compiled_tree = compiled
+
+    def _rank_acc(self) -> list[list[float]]:
+        measured = self.config.rank_acc
+        if measured is None:
+            return prior_rank_acc(self.config.num_heads, self.config.tree_topk)
+        return [[min(max(float(v), 0.0), 1.0) for v in row] for row in measured]
+
+    def set_rank_accuracy(self, rank_acc: Sequence[Sequence[float]]) -> None:
+        """Keep measured per-head, per-rank accuracies (the export carries them, so the tree can be rebuilt at
+        another size later) and use the greedy tree of ``config.tree_nodes`` nodes built from them."""
+        self.config.rank_acc = [[float(v) for v in row] for row in rank_acc]
+        self.resize_tree(self.config.tree_nodes)
+
+    def resize_tree(self, n_nodes: int) -> None:
+        """Use the greedy tree of ``n_nodes`` nodes (at most the complete tree) from the measured accuracies.
+
+        The best size is the hardware's: a CPU pays for every verified node, a GPU verifies 64 nodes for
+        about the cost of one, so the evaluator may resize the tree a drafter was trained with.
+        """
+        rank_acc = self._rank_acc()
+        if n_nodes < 1:
+            raise DraftsmithError(f"tree_nodes={n_nodes}: a tree needs at least one node")
+        self.set_tree(build_tree(rank_acc, min(n_nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0])))))

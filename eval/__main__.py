@@ -35,7 +35,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     target = load_target(str(cfg.target))
-    drafter = load_drafter(str(cfg.drafter), target)
+    tree_nodes = None if cfg.tree_nodes is None else int(cfg.tree_nodes)
+    drafter = load_drafter(str(cfg.drafter), target, tree_nodes=tree_nodes)
     return evaluate(
         target,
         drafter,

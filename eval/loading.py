@@ -26,9 +26,21 @@ def _check_target(drafter: Drafter, where: str, target: Target) -> None:
         )
 
 
-def load_drafter(name_or_path: str | Path, target: Target) -> Drafter:
-    """``ar`` | ``ngram`` | ``layerskip`` by name; otherwise `Drafter.from_pretrained` against ``target``."""
+def load_drafter(name_or_path: str | Path, target: Target, tree_nodes: int | None = None) -> Drafter:
+    """``ar`` | ``ngram`` | ``layerskip`` by name; otherwise `Drafter.from_pretrained` against ``target``.
+
+    ``tree_nodes`` rebuilds a tree drafter's candidate tree at that size from its measured accuracies.
+    """
     name = str(name_or_path)
+    drafter = _load(name, target)
+    if tree_nodes is not None:
+        if not hasattr(drafter, "resize_tree"):
+            raise DraftsmithError(f"tree_nodes applies to tree drafters (medusa, amphista), not to {name}")
+        drafter.resize_tree(tree_nodes)
+    return drafter
+
+
+def _load(name: str, target: Target) -> Drafter:
     if name == "ar":
         return PlainDrafter()
     if name == "ngram":

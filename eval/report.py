@@ -53,11 +53,13 @@ def _category_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     settings = summary["settings"]
+    tree_note = f", a {settings['tree_nodes']}-node candidate tree" if "tree_nodes" in settings else ""
     lines = [
         f"# Speculative decoding: `{summary['drafter']}` on `{summary['target']}`",
         "",
         f"{summary['n_questions']} questions, max_new_tokens={settings['max_new_tokens']}, "
-        f"temperature={settings['temperature']}, top_p={settings['top_p']}, seed={settings['seed']}. "
+        f"temperature={settings['temperature']}, top_p={settings['top_p']}, seed={settings['seed']}"
+        f"{tree_note}. "
         "Plain and speculative decoding interleaved per turn in one process; speedup is their ratio of "
         "tokens/s. tau = tokens appended per verification forward (bonus token included; the prefill "
         "forward is not counted).",

@@ -112,6 +112,8 @@ def evaluate(
         steps = [n for row in rows for n in row["accept_lengths"]]
         bar.set_postfix(tau=f"{sum(steps) / max(len(steps), 1):.2f}")
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    if getattr(drafter.config, "tree", None) is not None:
+        settings["tree_nodes"] = len(drafter.config.tree)
     summary = summarize(rows, drafter_name or drafter.config.kind, target.identity.name, settings)
     if out is not None:
         report.write(Path(out), summary, rows)

@@ -17,6 +17,7 @@ from drafters.amphista import AmphistaDrafter
 from drafters.base import DecodeState, Drafter, drafter_class
 from drafters.errors import DraftsmithError
 from drafters.medusa import MedusaConfig, MedusaDrafter
+from drafters.trees import build_tree, max_tree_nodes
 
 HEADS = 3
 
@@ -163,6 +164,21 @@ def test_save_and_load_round_trip(target, tmp_path) -> None:
     late = Drafter.from_pretrained(tmp_path)
     late.bind(target)
     assert torch.equal(late.heads.projections, drafter.heads.projections)
+
+
+def test_the_tree_is_resized_from_the_measured_accuracies_the_export_keeps(target, tmp_path) -> None:
+    drafter = medusa(target)
+    measured = [[0.5, 0.2, 0.1, 0.0], [0.3, 0.1, 0.0, 0.0], [0.2, 0.0, 0.0, 0.0]]
+    drafter.set_rank_accuracy(measured)
+    assert drafter.config.tree == [list(p) for p in build_tree(measured, 12)]
+    drafter.save_pretrained(tmp_path)
+    loaded = Drafter.from_pretrained(tmp_path, target=target)
+    loaded.resize_tree(3)
+    assert loaded.config.tree == [[0], [1], [0, 0]] and loaded.config.tree_nodes == 3
+    loaded.resize_tree(10_000)  # capped at the complete tree
+    assert len(loaded.config.tree) == max_tree_nodes(HEADS, 4)
+    with pytest.raises(DraftsmithError, match="at least one node"):
+        loaded.resize_tree(0)
 
 
 def test_user_mistakes_are_clear_errors(target) -> None:

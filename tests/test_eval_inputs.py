@@ -82,6 +82,11 @@ def test_training_free_names_resolve():
     assert load_drafter("ngram", fake_target()).config.kind == "ngram"
 
 
+def test_tree_nodes_only_for_tree_drafters():
+    with pytest.raises(DraftsmithError, match="tree_nodes applies to tree drafters"):
+        load_drafter("ngram", fake_target(), tree_nodes=5)
+
+
 def test_bad_settings():
     with pytest.raises(DraftsmithError, match="temperature"):
         SamplingConfig(temperature=-1)

@@ -21,7 +21,7 @@ from training.rng import capture_rng, restore_rng
 from training.settings import TrainSettings
 
 TARGET_PREFIX = "target."
-TREE_FIELDS = ("tree", "tree_nodes")
+TREE_FIELDS = ("tree", "tree_nodes", "rank_acc")
 
 
 class DrafterModule(L.LightningModule):
@@ -150,15 +150,8 @@ class DrafterModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=True)
         self.log("val/tau_est", chain_tau(top1.tolist()), prog_bar=True, sync_dist=True)
         self.val_rank_accuracy = per_rank.float().cpu()
-        if not self.trainer.sanity_checking and hasattr(self.drafter, "set_tree"):
-            self._set_measured_tree(per_rank)
-
-    def _set_measured_tree(self, per_rank: torch.Tensor) -> None:
-        from drafters.trees import build_tree, max_tree_nodes
-
-        heads, ranks = per_rank.shape
-        n_nodes = min(int(getattr(self.drafter.config, "tree_nodes", 63)), max_tree_nodes(heads, ranks))
-        self.drafter.set_tree(build_tree(per_rank.clamp(0.0, 1.0).tolist(), n_nodes))
+        if not self.trainer.sanity_checking and hasattr(self.drafter, "set_rank_accuracy"):
+            self.drafter.set_rank_accuracy(per_rank.tolist())
 
     # -- checkpoints: drafter only, plus what an exact resume needs ---------------------------
 
@@ -181,6 +174,7 @@ class DrafterModule(L.LightningModule):
                 "set resume=false or use a new out= folder"
             )
         if saved.get("tree") is not None and hasattr(self.drafter, "set_tree"):
+            self.drafter.config.rank_acc = saved.get("rank_acc")
             self.drafter.set_tree(saved["tree"])
         # the target was left out on save; hand back its live weights so strict loading still checks the drafter
         checkpoint["state_dict"].update({TARGET_PREFIX + k: v for k, v in self.target.state_dict().items()})
