@@ -29,30 +29,33 @@ FEATURES_MANIFEST = "features.json"
 CACHE_BATCH_ROWS = 8
 
 
-@torch.no_grad()
 def target_features(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     needs: TargetNeeds,
     topk: int = 0,
+    grad: bool = False,
 ) -> dict[str, Any]:
-    """One frozen-target forward over a padded batch (left or right padding: positions follow the mask).
+    """One target forward over a padded batch (left or right padding: positions follow the mask).
 
-    No gradients flow into the target; the returned tensors are plain (not inference-mode) tensors, so a
-    training step can use them as inputs to its own autograd graph.
+    By default no gradients flow into the target, and the returned tensors are plain (not inference-mode)
+    tensors, so a training step can use them as inputs to its own autograd graph. ``grad=True`` keeps the
+    target's graph (when autograd is on), for a target trained through adapters (Medusa-2).
     """
     want_logits = needs.logits or topk > 0
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        output_hidden_states=bool(needs.hidden_layers),
-        use_cache=False,
-        # Without logits, project only one position: the vocabulary projection dominates the forward's cost.
-        logits_to_keep=0 if want_logits else 1,
-    )
+    # what follows the forward keeps a graph only if the forward made one
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            output_hidden_states=bool(needs.hidden_layers),
+            use_cache=False,
+            # Without logits, project only one position: the vocabulary projection dominates the forward's cost.
+            logits_to_keep=0 if want_logits else 1,
+        )
     valid = attention_mask.bool().unsqueeze(-1)
 
     def zero_pads(x: torch.Tensor) -> torch.Tensor:

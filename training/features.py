@@ -1,4 +1,4 @@
-"""Where a training step gets the frozen target's features: a no-grad target forward, or the feature cache."""
+"""Where a training step gets the target's features: a target forward inside the step, or the feature cache."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class FeatureSource(Protocol):
 
 
 class OnlineFeatures:
-    """Runs the frozen target inside the step (no autograd graph is kept for it)."""
+    """Runs the target inside the step. A frozen target keeps no autograd graph; one with trainable weights
+    (Medusa-2's LoRA adapters) keeps it, so the drafter's loss trains them too."""
 
     def __init__(self, topk: int = 0) -> None:
         self.topk = topk
@@ -24,8 +25,8 @@ class OnlineFeatures:
     def __call__(self, target: nn.Module, batch: dict[str, torch.Tensor], needs: TargetNeeds) -> dict[str, Any]:
         from data.features import target_features
 
-        with torch.no_grad():
-            return target_features(target, batch["input_ids"], batch["attention_mask"], needs, topk=self.topk)
+        grad = any(param.requires_grad for param in target.parameters())
+        return target_features(target, batch["input_ids"], batch["attention_mask"], needs, topk=self.topk, grad=grad)
 
 
 class CachedFeatures:
