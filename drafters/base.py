@@ -29,6 +29,10 @@ from drafters.errors import DraftsmithError
 
 FORMAT = "draftsmith"
 FORMAT_VERSION = 1
+# A drafter trained with an adapted target (Medusa-2) is exported with the target's peft adapter in this
+# folder, named by config.json under ADAPTER_KEY; the target must run with it merged in.
+ADAPTER_DIR = "adapter"
+ADAPTER_KEY = "target_adapter"
 
 
 @dataclass(frozen=True)
@@ -204,6 +208,7 @@ class Drafter(nn.Module):
             drafter.bind(target)
         drafter.load_state_dict(load_file(str(directory / "model.safetensors")))
         drafter.export_config = config
+        drafter.export_dir = directory
         return drafter
 
 

@@ -1,4 +1,4 @@
-"""Medusa-1 (Cai et al. 2024): K extra decoding heads on the frozen target's last hidden state.
+"""Medusa (Cai et al. 2024): K extra decoding heads on the target's last hidden state; Medusa-1 or Medusa-2.
 
 Head k (1-based) reads h_t, the target's last hidden state (after its final norm) at position t, and
 guesses token t+k+1; the target's own head gives t+1. A head is ``num_layers`` residual blocks
@@ -16,7 +16,19 @@ Choices the paper leaves open (config field, default):
 - ``tree_nodes`` = 63 (the shipped Medusa trees); ``tree_topk`` = 10 candidates per head, also the ranks
   ``loss`` counts hits at (``topk_hits``) so a tree can be built from validation counts.
 - ``hidden_size`` / ``vocab_size`` = None: taken from the target when the drafter is first bound.
-Medusa-2 (joint LoRA training of the target) is not part of this drafter.
+
+Medusa-1 keeps the target frozen. Medusa-2 (``lora_rank`` > 0) trains LoRA adapters on the target jointly with
+the heads, plus a self-distillation KL that keeps the adapted target close to the original; the adapted
+target is then the model served. This file only holds the settings: `training.lora` attaches and trains the
+adapter, the export carries it, and `eval.loading` merges it into the target before decoding. Fields, default:
+- ``lora_rank`` = 0: 0 = Medusa-1; the paper leaves the rank open (8 is a common LoRA choice).
+- ``lora_alpha`` = 16.0 (LoRA scale alpha / rank); ``lora_dropout`` = 0.05 on the adapters' inputs in training.
+- ``lora_target_modules`` = the attention and MLP projections of Llama / Qwen / Mistral blocks; never the LM
+  head or the embeddings, which the heads borrow.
+- ``distill_weight`` = 1.0: loss = heads' loss + distill_weight * KL(original target || adapted target) on the
+  next-token distributions at the positions that predict a target-written token.
+- ``lora_lr`` = None: the trainer's lr; the paper gives the heads a larger lr than the backbone, so the
+  Medusa-2 recipes set a smaller one here.
 
 Use: ``MedusaDrafter(MedusaConfig())``, then ``bind(target_model)`` (builds the heads when the sizes came
 from the target) before training or decoding.
@@ -24,7 +36,7 @@ from the target) before training or decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -35,17 +47,43 @@ from drafters.errors import DraftsmithError
 from drafters.layers import Borrowed, MultiHeadConfig, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
 from drafters.trees import TreeMixin, tree_draft
 
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BORROWED_MODULES = {"lm_head", "embed_tokens"}
+
 
 @dataclass
 class MedusaConfig(MultiHeadConfig):
     kind: ClassVar[str] = "medusa"
 
     num_layers: int = 1
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    distill_weight: float = 1.0
+    lora_lr: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.num_layers < 0 or self.tree_topk < 1:
             raise DraftsmithError("medusa needs num_heads >= 1, num_layers >= 0 and tree_topk >= 1")
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0 or self.distill_weight < 0:
+            raise DraftsmithError("medusa needs lora_rank >= 0, 0 <= lora_dropout < 1 and distill_weight >= 0")
+        if self.lora_lr is not None and self.lora_lr <= 0:
+            raise DraftsmithError(f"medusa lora_lr={self.lora_lr}: give a positive learning rate (null = trainer.lr)")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        self.lora_target_modules = [str(name) for name in self.lora_target_modules]
+        if self.lora_rank and not self.lora_target_modules:
+            raise DraftsmithError("medusa-2 (lora_rank > 0) needs lora_target_modules: the target's projections")
+        borrowed = sorted(set(self.lora_target_modules) & BORROWED_MODULES)
+        if borrowed:
+            raise DraftsmithError(f"lora_target_modules names {', '.join(borrowed)}: the heads borrow it frozen")
         super().__post_init__()
+
+    @property
+    def adapts_target(self) -> bool:
+        """Medusa-2: the target is trained (and served) with a LoRA adapter."""
+        return self.lora_rank > 0
 
 
 @register
