@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import drafters  # noqa: F401 - registers the trained drafter kinds
-from drafters.base import Drafter
+from drafters.base import ADAPTER_KEY, Drafter
 from drafters.errors import DraftsmithError
 from drafters.target import Target
 from eval.layerskip_search import load_or_search
@@ -30,6 +30,8 @@ def load_drafter(name_or_path: str | Path, target: Target, tree_nodes: int | Non
     """``ar`` | ``ngram`` | ``layerskip`` by name; otherwise `Drafter.from_pretrained` against ``target``.
 
     ``tree_nodes`` rebuilds a tree drafter's candidate tree at that size from its measured accuracies.
+    An export that carries a target adapter (Medusa-2) has it merged into ``target.model`` for good, so plain
+    and speculative decoding both run the adapted target the drafter was trained with.
     """
     name = str(name_or_path)
     drafter = _load(name, target)
@@ -54,4 +56,19 @@ def _load(name: str, target: Target) -> Drafter:
     except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
         raise DraftsmithError(str(err)) from None
     _check_target(drafter, name, target)
+    _adapt_target(drafter, target)
     return drafter.to(target.device).eval()
+
+
+def _adapt_target(drafter: Drafter, target: Target) -> None:
+    """Merge the export's target adapter into the target (after `_check_target`: the recorded weights are the
+    base target's). The LM head the drafter borrowed is not adapted, so its binding stays valid."""
+    folder = drafter.export_config.get(ADAPTER_KEY)
+    if not folder:
+        return
+    path = drafter.export_dir / folder
+    if not (path / "adapter_config.json").is_file():
+        raise DraftsmithError(f"{drafter.export_dir}/config.json names the target adapter {folder}/, which is missing")
+    from peft import PeftModel
+
+    target.model = PeftModel.from_pretrained(target.model, str(path)).merge_and_unload().eval()

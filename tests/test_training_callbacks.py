@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from test_training_support import tiny_drafter, tiny_target
+from torch import nn
 
 import eval.runner
 from training.callbacks import AcceptanceEval
@@ -46,7 +47,7 @@ def test_keeps_the_best_export_and_resumes_its_record(tmp_path, scripted_taus):
                               out=tmp_path / "epochs")
     logger = RecordingLogger()
     trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=0, loggers=[logger])
-    module = SimpleNamespace(drafter=drafter)
+    module = nn.ModuleDict({"drafter": drafter})
     exported_tau = []
     for epoch in range(3):
         trainer.current_epoch = epoch
@@ -66,5 +67,5 @@ def test_only_rank_zero_evaluates(tmp_path, scripted_taus):
     target = tiny_target()
     callback = AcceptanceEval(target, ["q"], Exporter(tmp_path / "export", target.identity, {}), max_new_tokens=4)
     trainer = SimpleNamespace(is_global_zero=False, current_epoch=0, global_step=0, loggers=[])
-    callback.on_train_epoch_end(trainer, SimpleNamespace(drafter=tiny_drafter(target)))
+    callback.on_train_epoch_end(trainer, nn.ModuleDict({"drafter": tiny_drafter(target)}))
     assert scripted_taus == [] and not (tmp_path / "export").exists()

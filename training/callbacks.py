@@ -17,6 +17,7 @@ from training.report import print_acceptance
 class AcceptanceEval(L.Callback):
     """After each training epoch, rank 0 decodes the held-out questions with the drafter (greedy, lossless
     check included), logs tau / alpha_k / speedup, and rewrites the export when tau beats the best so far.
+    With Medusa-2 the target is the adapted one: peft put the adapters inside the target model itself.
 
     Other processes wait at their next collective; global RNG states are left untouched, so evaluating
     does not change what training draws next (resumed runs stay identical to uninterrupted ones).
@@ -50,8 +51,10 @@ class AcceptanceEval(L.Callback):
         from eval.runner import evaluate
 
         drafter = pl_module.drafter
-        was_training = drafter.training
-        drafter.eval()
+        # the whole module: with its adapter dropout on, a Medusa-2 target would be random, and speculative and
+        # plain decoding would disagree
+        was_training = pl_module.training
+        pl_module.eval()
         epoch = trainer.current_epoch
         epoch_dir = None if self.out is None else self.out / f"epoch{epoch}"
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -65,7 +68,7 @@ class AcceptanceEval(L.Callback):
                 seed=self.seed,
                 progress=True,
             )
-        drafter.train(was_training)
+        pl_module.train(was_training)
         metrics = {"accept/tau": float(summary["tau"]), "accept/speedup": float(summary["speedup"])}
         metrics.update({f"accept/alpha_{k}": float(a) for k, a in enumerate(summary["alpha"], start=1)})
         for logger in trainer.loggers:

@@ -1,5 +1,6 @@
 """The export folder (DESIGN.md, "Export format"): config.json, model.safetensors, README.md, recipe.yaml,
-eval/summary.json. It is also exactly what `training.publish` uploads to the Hub."""
+eval/summary.json, and for a drafter trained with an adapted target (Medusa-2) the target's peft adapter in
+adapter/. It is also exactly what `training.publish` uploads to the Hub."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
+from torch import nn
 
-from drafters.base import Drafter
+from drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
 from drafters.target import TargetIdentity
 from training.report import markdown_table
 
@@ -24,8 +26,29 @@ def _base_model(identity: TargetIdentity, target_source: str | None) -> str | No
     return None
 
 
+ADAPTED_TARGET = """
+## The adapted target
+
+This drafter was trained jointly with a LoRA adapter of the target (Medusa-2), which this export carries in
+`{folder}/` (peft, safetensors). The model to serve is the **adapted** target: `{name}` with that adapter
+merged in. The evaluation above verified drafts with the adapted target, and speculative decoding is lossless
+with respect to it; its outputs can differ from those of the original `{name}`. `python -m eval` and
+`eval.loading.load_drafter` merge the adapter themselves; by hand, with peft:
+
+```python
+from peft import PeftModel
+
+target.model = PeftModel.from_pretrained(target.model, "PATH_OR_HUB_ID", subfolder="{folder}").merge_and_unload()
+```
+"""
+
+
 def model_card(
-    drafter: Drafter, identity: TargetIdentity, summary: dict[str, Any] | None, target_source: str | None
+    drafter: Drafter,
+    identity: TargetIdentity,
+    summary: dict[str, Any] | None,
+    target_source: str | None,
+    adapted: bool = False,
 ) -> str:
     kind = drafter.config.kind
     data = ModelCardData(
@@ -72,6 +95,8 @@ python -m eval drafter=PATH_OR_HUB_ID
 The drafter refuses a target whose tokenizer differs (tokenizer hash `{identity.tokenizer_hash[:12]}`).
 `recipe.yaml` holds the full configuration it was trained with; `eval/summary.json` the evaluation above.
 """
+    if adapted:
+        body += ADAPTED_TARGET.format(folder=ADAPTER_DIR, name=identity.name)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
 
 
@@ -81,17 +106,28 @@ def write_export(
     identity: TargetIdentity,
     config: Any,
     summary: dict[str, Any] | None = None,
+    adapter: nn.Module | None = None,
 ) -> Path:
-    """Write the export folder; a new one replaces the old only once it is complete."""
+    """Write the export folder; a new one replaces the old only once it is complete.
+
+    ``adapter``: the peft-wrapped target of a Medusa-2 run; its adapter (not the base weights) goes to adapter/.
+    """
     directory = Path(directory)
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     resolved = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
     target_source = OmegaConf.select(resolved, "target.source", default=None)
-    drafter.save_pretrained(
-        staging, extra_config={"target": identity.to_dict(), "tokenizer_hash": identity.tokenizer_hash}
-    )
-    (staging / "README.md").write_text(model_card(drafter, identity, summary, target_source))
+    extra = {"target": identity.to_dict(), "tokenizer_hash": identity.tokenizer_hash}
+    if adapter is not None:
+        extra[ADAPTER_KEY] = ADAPTER_DIR
+    drafter.save_pretrained(staging, extra_config=extra)
+    if adapter is not None:
+        # a Hub id or nothing: peft would otherwise record this machine's path of the converted target
+        for adapter_config in adapter.peft_config.values():
+            adapter_config.base_model_name_or_path = _base_model(identity, target_source)
+        adapter.save_pretrained(staging / ADAPTER_DIR)
+    card = model_card(drafter, identity, summary, target_source, adapted=adapter is not None)
+    (staging / "README.md").write_text(card)
     (staging / "recipe.yaml").write_text(OmegaConf.to_yaml(resolved, resolve=True))
     if summary is not None:
         (staging / "eval").mkdir()
@@ -105,10 +141,13 @@ def write_export(
 class Exporter:
     """Writes the export of one run: what stays the same between exports (target, config, folder)."""
 
-    def __init__(self, directory: str | Path, identity: TargetIdentity, config: Any) -> None:
+    def __init__(
+        self, directory: str | Path, identity: TargetIdentity, config: Any, adapter: nn.Module | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.identity = identity
         self.config = config
+        self.adapter = adapter
 
     def write(self, drafter: Drafter, summary: dict[str, Any] | None) -> Path:
-        return write_export(self.directory, drafter, self.identity, self.config, summary)
+        return write_export(self.directory, drafter, self.identity, self.config, summary, self.adapter)

@@ -15,6 +15,7 @@ from drafters.base import Drafter
 from drafters.errors import DraftsmithError
 from drafters.trees import rank_acc_from_counts
 from eval.metrics import chain_tau
+from training import lora
 from training.datamodule import DistillDataModule
 from training.features import FeatureSource, OnlineFeatures
 from training.rng import capture_rng, restore_rng
@@ -27,6 +28,10 @@ TREE_FIELDS = ("tree", "tree_nodes", "rank_acc")
 class DrafterModule(L.LightningModule):
     """Holds the frozen target (a submodule, so strategies place and shard it, but never optimised or
     checkpointed) and the trainable drafter.
+
+    Medusa-2 (a drafter config with ``adapts_target``): the target gets LoRA adapters (`training.lora`), trained
+    with the drafter and kept in checkpoints; its base weights stay frozen and out of checkpoints, and the loss
+    adds ``distill_weight`` times the self-distillation KL to the original target.
 
     Validation sums the drafter's ``topk_hits``/``n`` over the whole held-out split (across processes too),
     logs exact per-position accuracies and, for drafters that decode with a tree, rebuilds their tree from
@@ -48,6 +53,10 @@ class DrafterModule(L.LightningModule):
         self.settings = settings
         self.features = features or OnlineFeatures()
         self.needs = drafter.target_needs()
+        self.adapted = lora.adapts_target(drafter.config)
+        if self.adapted:
+            lora.check_online(drafter.config, isinstance(self.features, OnlineFeatures))
+            self.target = lora.attach_lora(self.target, drafter.config)
         self._rng_to_restore: dict[str, Any] | None = None
         self._last_step_end: float | None = None
         self._val_sums: dict[str, torch.Tensor] = {}
@@ -55,11 +64,21 @@ class DrafterModule(L.LightningModule):
     def train(self, mode: bool = True) -> DrafterModule:
         super().train(mode)
         self.target.eval()  # Lightning flips the whole module to train mode; the target stays frozen
+        lora.set_dropout_mode(self.target, mode)  # but Medusa-2's adapters train
         return self
+
+    @property
+    def adapter(self) -> nn.Module | None:
+        """The peft model whose adapters an export must carry (Medusa-2), else None."""
+        return self.target if self.adapted else None
 
     def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         features = self.features(self.target, batch, self.needs)
-        return self.drafter.loss(batch, features)
+        out = self.drafter.loss(batch, features)
+        if self.adapted:
+            out["kl"] = lora.self_distillation_kl(self.target, batch, features["hidden"][-1])
+            out["loss"] = out["loss"] + self.drafter.config.distill_weight * out["kl"]
+        return out
 
     # -- training ----------------------------------------------------------------------------
 
@@ -73,6 +92,8 @@ class DrafterModule(L.LightningModule):
         acc = out["acc"].detach().float()
         self.log("train/loss", out["loss"].detach(), prog_bar=True)
         self.log("train/tau_est", chain_tau(acc.tolist()), prog_bar=True)
+        if "kl" in out:
+            self.log("train/kl", out["kl"].detach())
         for k, value in enumerate(acc.tolist(), start=1):
             self.log(f"train/acc_top1/pos{k}", value)
         if "topk_hits" in out:
@@ -95,6 +116,7 @@ class DrafterModule(L.LightningModule):
             [
                 {"params": decay, "weight_decay": self.settings.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
+                *lora.lora_param_groups(self.target, self.drafter.config, self.settings.weight_decay),
             ],
             lr=self.settings.lr,
         )
@@ -153,11 +175,12 @@ class DrafterModule(L.LightningModule):
         if not self.trainer.sanity_checking and hasattr(self.drafter, "set_rank_accuracy"):
             self.drafter.set_rank_accuracy(per_rank.tolist())
 
-    # -- checkpoints: drafter only, plus what an exact resume needs ---------------------------
+    # -- checkpoints: drafter (and target adapters) only, plus what an exact resume needs ------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        adapters = {TARGET_PREFIX + name for name, param in self.target.named_parameters() if param.requires_grad}
         checkpoint["state_dict"] = {
-            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TARGET_PREFIX)
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TARGET_PREFIX) or k in adapters
         }
         checkpoint["drafter_config"] = self.drafter.config.to_dict()
         checkpoint["rng"] = capture_rng()
@@ -176,6 +199,7 @@ class DrafterModule(L.LightningModule):
         if saved.get("tree") is not None and hasattr(self.drafter, "set_tree"):
             self.drafter.config.rank_acc = saved.get("rank_acc")
             self.drafter.set_tree(saved["tree"])
-        # the target was left out on save; hand back its live weights so strict loading still checks the drafter
-        checkpoint["state_dict"].update({TARGET_PREFIX + k: v for k, v in self.target.state_dict().items()})
+        # the frozen target was left out on save; hand back its live weights so strict loading still checks the rest
+        for key, value in self.target.state_dict().items():
+            checkpoint["state_dict"].setdefault(TARGET_PREFIX + key, value)
         self._rng_to_restore = checkpoint.get("rng")

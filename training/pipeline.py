@@ -12,13 +12,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from drafters.base import Drafter, TargetNeeds, drafter_class
+from drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
 from drafters.errors import DraftsmithError
 from drafters.target import Target, load_target
 from training.callbacks import AcceptanceEval
 from training.datamodule import DistillDataModule
 from training.export import Exporter
 from training.features import CachedFeatures, FeatureSource, OnlineFeatures
+from training.lora import adapts_target, check_online
 from training.module import DrafterModule
 from training.report import print_acceptance
 from training.settings import TrainSettings
@@ -27,15 +28,20 @@ from training.strategies import trainer_arguments
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def build_drafter(values: Any, target: Target) -> Drafter:
-    """A fresh drafter from the `drafter` config group, bound to the target's shared modules."""
+def drafter_config(values: Any) -> DrafterConfig:
+    """The `drafter` config group as its kind's validated config."""
     values = dict(OmegaConf.to_container(values, resolve=True) if OmegaConf.is_config(values) else values)
     kind = values.pop("kind", None)
     try:
-        cls = drafter_class(str(kind))
-        drafter = cls(cls.config_class.from_dict(values))
+        return drafter_class(str(kind)).config_class.from_dict(values)
     except ValueError as err:
         raise DraftsmithError(f"drafter config: {err}") from None
+
+
+def build_drafter(values: Any, target: Target) -> Drafter:
+    """A fresh drafter from the `drafter` config group, bound to the target's shared modules."""
+    config = drafter_config(values)
+    drafter = drafter_class(config.kind)(config)
     drafter.bind(target.model)
     return drafter
 
@@ -73,6 +79,16 @@ def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any, draft
             "set data.features.layers to include them, or train with trainer.features=online"
         )
     return CachedFeatures(FeatureCache(cache_folder(data_dir, TargetNeeds(hidden_layers=layers), topk)))
+
+
+def check_adapted_target(config: DrafterConfig, settings: TrainSettings, zero3: bool) -> None:
+    """A drafter that adapts the target (Medusa-2) trains it online, and not under ZeRO-3, whose final export
+    rebuilds the drafter alone from the checkpoint and would lose the adapter."""
+    check_online(config, settings.features == "online")
+    if zero3 and adapts_target(config):
+        raise DraftsmithError(
+            "Medusa-2 (drafter.lora_rank > 0) is not supported with ZeRO-3: use trainer=deepspeed_zero2 or ddp"
+        )
 
 
 def checkpoint_callbacks(directory: Path, every_n_steps: int) -> list[ModelCheckpoint]:
@@ -126,6 +142,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     # before the slow steps, so a typo or a missing DeepSpeed fails at once
     ckpt_path = resume_checkpoint(out, bool(cfg.resume))
     trainer_kwargs = trainer_arguments(settings)
+    zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
+    check_adapted_target(drafter_config(cfg.drafter), settings, zero3)
     L.seed_everything(int(cfg.seed), workers=True)
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
     data_dir = Path(data.build_distilled(cfg.data, target))
@@ -143,10 +161,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         num_workers=settings.num_workers,
     )
     module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data, drafter))
-    zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
     if settings.strategy == "deepspeed":
         module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out
-    exporter = Exporter(out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True))
+    exporter = Exporter(out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True), module.adapter)
     questions = load_eval_questions(cfg.eval)
     acceptance = AcceptanceEval(
         target,

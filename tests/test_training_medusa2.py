@@ -1,0 +1,181 @@
+"""Medusa-2: LoRA on the target through peft, trained with the heads plus a self-distillation KL; the export
+carries the adapter and the evaluator merges it, so it verifies with the adapted target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from test_training_resume import KillAtStep, Killed
+from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
+
+from drafters.errors import DraftsmithError, one_line_errors
+from eval.engine import SpeculativeDecoder
+from eval.loading import load_drafter
+from eval.plain_drafter import PlainDrafter
+from eval.testing import assert_lossless_greedy
+from training.datamodule import DistillDataModule
+from training.export import Exporter
+from training.features import CachedFeatures
+from training.lora import self_distillation_kl
+from training.module import DrafterModule
+from training.pipeline import check_adapted_target, run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LORA = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def adapters(module: DrafterModule) -> dict[str, torch.Tensor]:
+    return {name: param for name, param in module.target.named_parameters() if param.requires_grad}
+
+
+def medusa2_module(**fields) -> DrafterModule:
+    target = tiny_target()
+    return DrafterModule(tiny_drafter(target, "medusa", **LORA, **fields), target.model, settings())
+
+
+def first_batch(rows: int = 8) -> dict[str, torch.Tensor]:
+    loader = DistillDataModule(tiny_rows(rows), batch_size=4, val_fraction=0.0, max_length=64, pad_id=0)
+    return next(iter(loader.train_dataloader()))
+
+
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 128, (length,), generator=generator).tolist() for length in (1, 9)]
+
+
+def test_only_the_adapters_and_the_heads_train(tmp_path):
+    module = tiny_fit(tmp_path, settings(max_epochs=1), drafter_fields={**LORA, "lora_lr": 1e-2})
+    lora = adapters(module)
+    assert lora and all(".lora_A." in name or ".lora_B." in name for name in lora)
+    assert any(param.abs().sum() > 0 for name, param in lora.items() if ".lora_B." in name)  # B starts at 0
+    base = [param for name, param in module.target.named_parameters() if name not in lora]
+    assert base and all(not param.requires_grad and param.grad is None for param in base)
+
+    groups = module.trainer.optimizers[0].param_groups
+    optimised = {id(param) for group in groups for param in group["params"]}
+    assert optimised == {id(p) for p in module.drafter.parameters()} | {id(p) for p in lora.values()}
+    assert [group["initial_lr"] for group in groups] == [3e-3, 3e-3, 1e-2]  # heads: trainer.lr; LoRA: lora_lr
+
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert {k for k in saved if k.startswith("target.")} == {"target." + name for name in lora}
+    assert "train/kl" in module.trainer.callback_metrics
+
+
+def test_the_kl_starts_at_zero_and_grows_once_the_adapters_move():
+    module = medusa2_module(distill_weight=2.0).train()
+    dropouts = [m for name, m in module.target.named_modules() if name.endswith("lora_dropout")]
+    assert dropouts and all(m.training for m in dropouts) and not module.target.base_model.model.model.training
+    batch = first_batch()
+    out = module._step(batch)
+    assert out["kl"].item() == 0.0  # LoRA's B is zero: the adapted target is exactly the original
+    out["loss"].backward()
+    lora = adapters(module)
+    assert all(param.grad is not None for param in lora.values())
+    assert all(param.grad is None for name, param in module.target.named_parameters() if name not in lora)
+    torch.optim.SGD(lora.values(), lr=1.0).step()
+
+    module.eval()
+    assert not any(m.training for m in dropouts)
+    with torch.no_grad():
+        out = module._step(batch)
+        heads_only = module.drafter.loss(batch, module.features(module.target, batch, module.needs))["loss"]
+    assert out["kl"].item() > 0
+    torch.testing.assert_close(out["loss"], heads_only + 2.0 * out["kl"])
+
+    # the same KL from full-vocabulary logits of the adapted and the original target
+    ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        adapted = module.target(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        with module.target.disable_adapter():
+            original = module.target(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        kl = self_distillation_kl(module.target, batch, adapted.hidden_states[-1])
+    terms = [
+        F.kl_div(F.log_softmax(adapted.logits[b, t], -1), F.log_softmax(original[b, t], -1), log_target=True,
+                 reduction="sum")
+        for b in range(ids.shape[0])
+        for t in range(ids.shape[1] - 1)
+        if mask[b, t] and mask[b, t + 1] and loss_mask[b, t + 1]
+    ]
+    torch.testing.assert_close(kl, torch.stack(terms).mean())
+
+
+def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_target(tmp_path):
+    module = medusa2_module().eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in adapters(module).values():
+            param.normal_(0.0, 0.3)  # an adapter that clearly changes the target
+    trained_model = module.target.base_model.model  # peft put the adapters inside the target model itself
+    out = Exporter(tmp_path / "export", tiny_target().identity, {"recipe_name": "tiny"}, module.adapter).write(
+        module.drafter, None
+    )
+
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+    assert not any("lora" in key for key in load_file(str(out / "model.safetensors")))  # drafter weights only
+    assert json.loads((out / "config.json").read_text())["target_adapter"] == "adapter"
+    assert "adapted** target" in (out / "README.md").read_text()
+
+    base = tiny_target()
+    served = tiny_target()
+    drafter = load_drafter(out, served)
+    ids = torch.tensor([prompts()[1]])
+    with torch.no_grad():
+        expected = trained_model(ids).logits
+        torch.testing.assert_close(served.model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert (base.model(ids).logits - expected).abs().max() > 0.1
+    assert not any("lora" in name for name, _ in served.model.named_modules())  # merged, plain layers again
+
+    decoder = SpeculativeDecoder(served.model, eos_ids=set())
+    adapted_plain = [decoder.generate(p, PlainDrafter(), 24).tokens for p in prompts()]
+    base_plain = [SpeculativeDecoder(base.model, eos_ids=set()).generate(p, PlainDrafter(), 24).tokens
+                  for p in prompts()]
+    assert adapted_plain != base_plain
+    steps = decoder.generate(prompts()[1], drafter, 24).steps  # the comparison exercises acceptance and rollback
+    assert sum(step.accepted for step in steps) > 0 and any(step.offered > step.accepted for step in steps)
+    assert_lossless_greedy(served.model, drafter, prompts(), 24)  # `python -m eval`: the merged adapter
+    assert_lossless_greedy(trained_model, module.drafter, prompts(), 24)  # the per-epoch eval: the live adapter
+
+
+def test_feature_cache_and_zero3_are_refused(tmp_path, capsys):
+    target = tiny_target()
+    with pytest.raises(DraftsmithError, match="trainer.features=online"):
+        DrafterModule(tiny_drafter(target, **LORA), target.model, settings(), CachedFeatures(cache=None))
+    medusa2, medusa1 = tiny_drafter(target, **LORA).config, tiny_drafter(target).config
+    with pytest.raises(DraftsmithError, match="trainer.features=online"):
+        check_adapted_target(medusa2, settings(features="cache"), zero3=False)
+    with pytest.raises(DraftsmithError, match="ZeRO-3"):
+        check_adapted_target(medusa2, settings(), zero3=True)
+    check_adapted_target(medusa1, settings(features="cache"), zero3=True)
+
+    with initialize_config_dir(version_base=None, config_dir=str(REPO / "recipes")):
+        cfg = compose("config", overrides=["recipe=medusa2_smollm2", "trainer.features=cache", f"out={tmp_path}"])
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        run(cfg)  # refused before the target is loaded
+    assert stopped.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: the drafter adapts the target with LoRA")
+
+
+def test_resumed_run_keeps_the_adapters(tmp_path):
+    train = settings(max_epochs=2, checkpoint_every_n_steps=3)
+    reference = tiny_fit(tmp_path / "full", train, drafter_fields=LORA)
+    with pytest.raises(Killed):
+        tiny_fit(tmp_path / "killed", train, drafter_fields=LORA, callbacks=[KillAtStep(7)])
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    resumed = tiny_fit(tmp_path / "killed", train, drafter_fields=LORA, ckpt_path=last)
+    assert resumed.trainer.global_step == reference.trainer.global_step
+    expected, got = adapters(reference), adapters(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    for name, tensor in reference.drafter.state_dict().items():
+        torch.testing.assert_close(resumed.drafter.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
