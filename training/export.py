@@ -125,7 +125,10 @@ def write_export(
         # a Hub id or nothing: peft would otherwise record this machine's path of the converted target
         for adapter_config in adapter.peft_config.values():
             adapter_config.base_model_name_or_path = _base_model(identity, target_source)
-        adapter.save_pretrained(staging / ADAPTER_DIR)
+        # embeddings are never adapted (MedusaConfig refuses them); "auto" would ask the Hub about the base model
+        adapter.save_pretrained(staging / ADAPTER_DIR, save_embedding_layers=False)
+        # peft's own card is a blank template naming this machine's target folder; README.md covers the adapter
+        (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     card = model_card(drafter, identity, summary, target_source, adapted=adapter is not None)
     (staging / "README.md").write_text(card)
     (staging / "recipe.yaml").write_text(OmegaConf.to_yaml(resolved, resolve=True))
