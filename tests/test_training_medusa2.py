@@ -4,17 +4,21 @@ carries the adapter and the evaluator merges it, so it verifies with the adapted
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.utils import filter_repo_objects
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from test_training_resume import KillAtStep, Killed
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
 
 from drafters.errors import DraftsmithError, one_line_errors
+from drafters.medusa import MedusaConfig
 from eval.engine import SpeculativeDecoder
 from eval.loading import load_drafter
 from eval.plain_drafter import PlainDrafter
@@ -108,7 +112,7 @@ def test_the_kl_starts_at_zero_and_grows_once_the_adapters_move():
     torch.testing.assert_close(kl, torch.stack(terms).mean())
 
 
-def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_target(tmp_path):
+def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_target(tmp_path, monkeypatch):
     module = medusa2_module().eval()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -124,9 +128,19 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
     assert json.loads((out / "config.json").read_text())["target_adapter"] == "adapter"
     assert "adapted** target" in (out / "README.md").read_text()
 
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        """The Hub's download of the export as a repo: only the files the patterns select."""
+        files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns):
+            (tmp_path / "hub" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / name, tmp_path / "hub" / name)
+        return str(tmp_path / "hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
     base = tiny_target()
     served = tiny_target()
-    drafter = load_drafter(out, served)
+    drafter = load_drafter("org/medusa2-tiny", served)  # through the Hub: the adapter comes with the repo
     ids = torch.tensor([prompts()[1]])
     with torch.no_grad():
         expected = trained_model(ids).logits
@@ -145,7 +159,7 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
     assert_lossless_greedy(trained_model, module.drafter, prompts(), 24)  # the per-epoch eval: the live adapter
 
 
-def test_feature_cache_and_zero3_are_refused(tmp_path, capsys):
+def test_feature_cache_zero3_and_borrowed_modules_are_refused(tmp_path, capsys):
     target = tiny_target()
     with pytest.raises(DraftsmithError, match="trainer.features=online"):
         DrafterModule(tiny_drafter(target, **LORA), target.model, settings(), CachedFeatures(cache=None))
@@ -155,6 +169,8 @@ def test_feature_cache_and_zero3_are_refused(tmp_path, capsys):
     with pytest.raises(DraftsmithError, match="ZeRO-3"):
         check_adapted_target(medusa2, settings(), zero3=True)
     check_adapted_target(medusa1, settings(features="cache"), zero3=True)
+    with pytest.raises(DraftsmithError, match="lm_head: the heads borrow it"):
+        MedusaConfig(lora_rank=4, lora_target_modules=["q_proj", "lm_head"])
 
     with initialize_config_dir(version_base=None, config_dir=str(REPO / "recipes")):
         cfg = compose("config", overrides=["recipe=medusa2_smollm2", "trainer.features=cache", f"out={tmp_path}"])

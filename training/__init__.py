@@ -6,6 +6,8 @@
   never checkpointed) plus the trainable drafter; AdamW with warmup + cosine per optimizer step.
 * `datamodule.DistillDataModule`: padded, length-bucketed batches with a seeded held-out split; its train
   loader checkpoints its position, so `resume=true` continues at the exact batch (and RNG state) it stopped.
+* `lora`: Medusa-2's LoRA adapters on the target (peft) and its self-distillation KL; `DrafterModule` uses it
+  when the drafter's config asks for an adapted target.
 * `callbacks.AcceptanceEval`: real speculative decoding after each epoch on rank 0; keeps the best export.
 * `export.write_export` / `publish.publish`: the export folder of DESIGN.md and its upload to the Hub.
 * `strategies.trainer_arguments`: `recipes/trainer/*.yaml` -> Trainer arguments (single device, DDP, ZeRO).

@@ -218,6 +218,7 @@ def finish(
             target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
             drafter = build_drafter(cfg.drafter, target)
             zero3_drafter(out / "checkpoints" / "last.ckpt", drafter)
+        module.eval()  # a Medusa-2 target's adapter dropout off, like the per-epoch evaluation
         drafter.eval()
         if questions:
             summary = evaluate(
