@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import drafters  # noqa: F401 - registers the trained drafter kinds
@@ -72,3 +73,5 @@ def _adapt_target(drafter: Drafter, target: Target) -> None:
     from peft import PeftModel
 
     target.model = PeftModel.from_pretrained(target.model, str(path)).merge_and_unload().eval()
+    # reports name the model that was measured; the weights hash stays the base target's, which exports record
+    target.identity = dataclasses.replace(target.identity, name=f"{target.identity.name} + {folder}/ of the drafter")

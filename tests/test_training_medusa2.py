@@ -147,6 +147,8 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
         torch.testing.assert_close(served.model(ids).logits, expected, rtol=1e-5, atol=1e-5)
         assert (base.model(ids).logits - expected).abs().max() > 0.1
     assert not any("lora" in name for name, _ in served.model.named_modules())  # merged, plain layers again
+    assert served.identity.name.endswith("+ adapter/ of the drafter")  # reports say which model they measured
+    assert served.identity.weights_hash == base.identity.weights_hash
 
     decoder = SpeculativeDecoder(served.model, eos_ids=set())
     adapted_plain = [decoder.generate(p, PlainDrafter(), 24).tokens for p in prompts()]
