@@ -4,11 +4,12 @@ eval -> acceptance table -> publish."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -125,6 +126,14 @@ def zero3_drafter(checkpoint: Path, drafter: Drafter) -> Drafter:
     return drafter
 
 
+def progress_bar() -> RichProgressBar | TQDMProgressBar:
+    """Rich's bar on a terminal; under nohup or a scheduler (output to a file) rich prints nothing, so a
+    tqdm bar that writes a line every few steps instead."""
+    if sys.stderr.isatty():
+        return RichProgressBar()
+    return TQDMProgressBar(refresh_rate=10)
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, export, evaluate and (if asked) publish; returns the final evaluation summary on rank 0."""
     import data
@@ -179,7 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         default_root_dir=out,
         logger=TensorBoardLogger(out, name="tensorboard"),
         callbacks=[
-            RichProgressBar(),
+            progress_bar(),
             LearningRateMonitor(logging_interval="step"),
             acceptance,
             *checkpoint_callbacks(out / "checkpoints", settings.checkpoint_every_n_steps),
