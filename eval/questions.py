@@ -51,3 +51,15 @@ def load_questions(path: str | Path) -> list[Question]:
             raise DraftsmithError(f"{path}: question id {q.id!r} appears twice; ids must be unique")
         seen.add(q.id)
     return questions
+
+
+def across_categories(questions: list[Question], n: int) -> list[Question]:
+    """``n`` questions taken round-robin over the categories (in file order), so a small evaluation slice
+    sees every category instead of only the first one or two."""
+    by_category: dict[str, list[Question]] = {}
+    for q in questions:
+        by_category.setdefault(q.category, []).append(q)
+    picked: list[Question] = []
+    for rank in range(max(len(qs) for qs in by_category.values())):
+        picked += [qs[rank] for qs in by_category.values() if rank < len(qs)]
+    return picked[:n]

@@ -16,7 +16,7 @@ from drafters.target import Target, TargetIdentity
 from eval.engine import SpeculativeDecoder
 from eval.loading import load_drafter
 from eval.plain_drafter import PlainDrafter
-from eval.questions import DEFAULT_QUESTIONS, load_questions
+from eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
 from eval.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,14 @@ def test_shipped_questions_cover_six_categories():
     assert len(questions) == 24
     assert {q.category for q in questions} == {"writing", "translation", "summarisation", "qa", "math", "rag"}
     assert any(len(q.turns) == 2 for q in questions)
+
+
+def test_a_small_slice_takes_every_category_in_turn():
+    questions = load_questions(DEFAULT_QUESTIONS)
+    six = across_categories(questions, 6)
+    assert len({q.category for q in six}) == 6 and six[0] == questions[0]
+    assert [q.id for q in across_categories(questions, 100)] != [q.id for q in questions]
+    assert sorted(q.id for q in across_categories(questions, 100)) == sorted(q.id for q in questions)
 
 
 def test_missing_question_file(tmp_path):

@@ -54,13 +54,14 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_eval_questions(eval_cfg: Any) -> list[Any]:
-    """The acceptance-eval questions (``eval.questions``, null = eval's default set), ``eval.limit`` of them."""
-    from eval.questions import DEFAULT_QUESTIONS, load_questions
+    """The acceptance-eval questions (``eval.questions``, null = eval's default set): ``eval.limit`` of them,
+    round-robin over the categories."""
+    from eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
 
     path = eval_cfg.get("questions")
     questions = load_questions(resolve_path(path) if path else DEFAULT_QUESTIONS)
     limit = eval_cfg.get("limit")
-    return questions if limit is None else questions[: int(limit)]
+    return questions if limit is None else across_categories(questions, int(limit))
 
 
 def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any, drafter: Drafter) -> FeatureSource:
