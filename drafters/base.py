@@ -150,6 +150,11 @@ class Drafter(nn.Module):
     def reset(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Forget per-sequence state; called by the evaluator before each new sequence."""
 
+    def max_draft_nodes(self) -> int | None:
+        """The most nodes one draft can have, if known: the evaluator sizes the KV cache's draft room by it
+        (every verification attends over the whole cache, so room never used still costs)."""
+        return None
+
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} is training-free: it has no loss")
 

@@ -175,6 +175,9 @@ class TreeMixin:
             self._compiled_tree = self._checked_tree(paths)
         return self._compiled_tree
 
+    def max_draft_nodes(self) -> int:
+        return len(self.draft_tree().paths)
+
     def set_tree(self, paths: Sequence[Sequence[int]]) -> None:
         """Use ``paths`` (e.g. `build_tree` on measured accuracies) from now on; the export carries it."""
         compiled = self._checked_tree(paths)

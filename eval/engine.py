@@ -88,7 +88,8 @@ class SpeculativeDecoder:
 
     def _ensure_capacity(self, needed: int) -> RollbackCache:
         if self.cache is None or self.cache.capacity < needed:
-            self.cache = RollbackCache(self.model, capacity=max(needed, 256))
+            # exactly what is needed: every forward attends over the whole capacity
+            self.cache = RollbackCache(self.model, capacity=needed)
             self._hidden = {}
         return self.cache
 
@@ -100,7 +101,7 @@ class SpeculativeDecoder:
                 self._hidden[layer] = torch.empty(size, dtype=self.dtype, device=self.device)
         return {layer: self._hidden[layer] for layer in layers}
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad: decoding never feeds autograd
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -138,7 +139,7 @@ class SpeculativeDecoder:
             return int(logits.argmax())
         return int(torch.multinomial(warp(logits, self.sampling), 1, generator=generator))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # lighter than no_grad: decoding never feeds autograd
     def generate(
         self,
         prompt_ids: list[int] | torch.Tensor,
@@ -153,7 +154,9 @@ class SpeculativeDecoder:
             raise DraftsmithError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         began = time.perf_counter()
         self.target_s = 0.0
-        capacity_needed = prompt.numel() + max_new_tokens + self.max_draft_nodes + 2
+        declared = drafter.max_draft_nodes()
+        draft_room = self.max_draft_nodes if declared is None else min(declared, self.max_draft_nodes)
+        capacity_needed = prompt.numel() + max_new_tokens + draft_room + 2
         cache = self._ensure_capacity(capacity_needed)
         layers = drafter.target_needs().hidden_layers
         buffers = self._hidden_buffers(layers)

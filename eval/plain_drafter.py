@@ -20,5 +20,8 @@ class PlainDrafter(Drafter):
     def __init__(self, config: PlainConfig | None = None) -> None:
         super().__init__(config or PlainConfig())
 
+    def max_draft_nodes(self) -> int:
+        return 0
+
     def propose(self, state: DecodeState) -> Draft:
         return Draft.empty()

@@ -33,6 +33,15 @@ def model() -> torch.nn.Module:
     return varied_llama()
 
 
+def test_the_cache_holds_only_the_draft_room_a_drafter_can_use(model):
+    decoder = SpeculativeDecoder(model, eos_ids=set(), max_draft_nodes=64)
+    decoder.generate([5, 9, 17], PlainDrafter(), 7)
+    assert decoder.cache.capacity == 3 + 7 + 2  # plain decoding drafts nothing: no room reserved
+    decoder = SpeculativeDecoder(model, eos_ids=set(), max_draft_nodes=64)
+    decoder.generate([5, 9, 17], NgramDrafter(), 7)
+    assert decoder.cache.capacity == 3 + 7 + 64 + 2  # no declared limit: the engine's own cap
+
+
 def test_plain_engine_matches_recomputing_without_cache(model):
     prompt = [5, 9, 17, 3, 8]
     tokens = list(prompt)
