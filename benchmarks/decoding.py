@@ -4,7 +4,7 @@
 (b) engine overhead: wall time outside target forwards and the drafter, as % of a decoding step (bar 10%);
 (c) the ngram drafter on input-grounded categories (summarisation, RAG): tau and speedup over plain.
 
-    python benchmarks/decoding.py [--prompts 2] [--rounds 3] [--max-new-tokens 32] [--questions 2] [--threads 1]
+    python benchmarks/decoding.py [--prompts 3] [--rounds 3] [--max-new-tokens 48] [--questions 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def overhead_share(generations: list[Generation]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=2, help="prompts for (a) and (b)")
+    parser.add_argument("--prompts", type=int, default=3, help="prompts for (a) and (b)")
     parser.add_argument("--rounds", type=int, default=3, help="times (a) decodes each prompt with each method")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--questions", type=int, default=2, help="questions per category for (c)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--questions", type=int, default=4, help="questions per category for (c)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads; batch-1 decoding on a shared CPU stalls with more"
     )
