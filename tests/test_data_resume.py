@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_llama
 
 from data import load_distilled, read_manifest
 from drafters.target import Target
-from tests.conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 N_CONVERSATIONS = 24
