@@ -21,8 +21,8 @@ from drafters.target import load_target
 from eval.engine import Generation, SpeculativeDecoder
 from eval.ngram_drafter import NgramDrafter
 from eval.plain_drafter import PlainDrafter
-from eval.questions import DEFAULT_QUESTIONS, load_questions
-from eval.runner import evaluate, prompt_ids
+from eval.questions import DEFAULT_QUESTIONS, load_questions, prompt_ids
+from eval.runner import evaluate
 
 
 def engine_vs_generate(

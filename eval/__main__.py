@@ -29,14 +29,19 @@ def run(cfg: DictConfig) -> dict:
     import torch
 
     from drafters.target import load_target
-    from eval.loading import load_drafter
+    from eval.drift import greedy_turns
+    from eval.loading import adapt_target, carries_adapter, load_drafter
     from eval.runner import evaluate
 
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
     target = load_target(str(cfg.target))
     tree_nodes = None if cfg.tree_nodes is None else int(cfg.tree_nodes)
-    drafter = load_drafter(str(cfg.drafter), target, tree_nodes=tree_nodes)
+    drafter = load_drafter(str(cfg.drafter), target, tree_nodes=tree_nodes, merge_adapter=False)
+    original = None
+    if carries_adapter(drafter):  # Medusa-2: the original target answers first, for the drift figures
+        original = greedy_turns(target, questions, int(cfg.max_new_tokens))
+        adapt_target(drafter, target)
     return evaluate(
         target,
         drafter,
@@ -47,6 +52,7 @@ def run(cfg: DictConfig) -> dict:
         seed=int(cfg.seed),
         out=Path(cfg.out),
         drafter_name=str(cfg.drafter),
+        original=original,
     )
 
 
@@ -54,7 +60,8 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         summary = run(cfg)
-    brief = {k: summary[k] for k in ("drafter", "target", "n_questions", "tau", "speedup", "lossless_mismatches")}
+    keys = ("drafter", "target", "n_questions", "tau", "speedup", "lossless_mismatches", "adapter_drift")
+    brief = {k: summary[k] for k in keys if k in summary}
     print(json.dumps(brief))
     print(f"wrote {cfg.out}/summary.json, results.jsonl, report.md and plots")
 

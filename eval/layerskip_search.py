@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from drafters.target import Target, cache_root
 from eval.engine import SpeculativeDecoder, eos_token_ids
 from eval.layerskip_drafter import LayerSkipConfig, LayerSkipDrafter, decoder_layers
-from eval.questions import DEFAULT_QUESTIONS, load_questions
-from eval.runner import prompt_ids
+from eval.questions import DEFAULT_QUESTIONS, load_questions, prompt_ids
 
 
 def measure(decoder: SpeculativeDecoder, drafter: LayerSkipDrafter, prompts: list[list[int]], max_new: int) -> float:

@@ -27,15 +27,20 @@ def _check_target(drafter: Drafter, where: str, target: Target) -> None:
         )
 
 
-def load_drafter(name_or_path: str | Path, target: Target, tree_nodes: int | None = None) -> Drafter:
+def load_drafter(
+    name_or_path: str | Path, target: Target, tree_nodes: int | None = None, merge_adapter: bool = True
+) -> Drafter:
     """``ar`` | ``ngram`` | ``layerskip`` by name; otherwise `Drafter.from_pretrained` against ``target``.
 
     ``tree_nodes`` rebuilds a tree drafter's candidate tree at that size from its measured accuracies.
     An export that carries a target adapter (Medusa-2) has it merged into ``target.model`` for good, so plain
-    and speculative decoding both run the adapted target the drafter was trained with.
+    and speculative decoding both run the adapted target the drafter was trained with; ``merge_adapter=False``
+    leaves that to a later `adapt_target` (to decode with the original target first).
     """
     name = str(name_or_path)
     drafter = _load(name, target)
+    if merge_adapter:
+        adapt_target(drafter, target)
     if tree_nodes is not None:
         if not hasattr(drafter, "resize_tree"):
             raise DraftsmithError(f"tree_nodes applies to tree drafters (medusa, amphista), not to {name}")
@@ -57,16 +62,20 @@ def _load(name: str, target: Target) -> Drafter:
     except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
         raise DraftsmithError(str(err)) from None
     _check_target(drafter, name, target)
-    _adapt_target(drafter, target)
     return drafter.to(target.device).eval()
 
 
-def _adapt_target(drafter: Drafter, target: Target) -> None:
-    """Merge the export's target adapter into the target (after `_check_target`: the recorded weights are the
-    base target's). The LM head the drafter borrowed is not adapted, so its binding stays valid."""
-    folder = drafter.export_config.get(ADAPTER_KEY)
-    if not folder:
+def carries_adapter(drafter: Drafter) -> bool:
+    """Was ``drafter`` exported with a target adapter (Medusa-2) that the target must run with?"""
+    return bool(getattr(drafter, "export_config", {}).get(ADAPTER_KEY))
+
+
+def adapt_target(drafter: Drafter, target: Target) -> None:
+    """Merge the export's target adapter, if any, into the target (after `_check_target`: the recorded weights
+    are the base target's). The LM head the drafter borrowed is not adapted, so its binding stays valid."""
+    if not carries_adapter(drafter):
         return
+    folder = drafter.export_config[ADAPTER_KEY]
     path = drafter.export_dir / folder
     if not (path / "adapter_config.json").is_file():
         raise DraftsmithError(f"{drafter.export_dir}/config.json names the target adapter {folder}/, which is missing")

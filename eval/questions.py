@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from drafters.errors import DraftsmithError
 
@@ -63,3 +64,12 @@ def across_categories(questions: list[Question], n: int) -> list[Question]:
     for rank in range(max(len(qs) for qs in by_category.values())):
         picked += [qs[rank] for qs in by_category.values() if rank < len(qs)]
     return picked[:n]
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation so far, ending with the assistant's turn to speak (MT-Bench style)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:  # base models: a plain transcript
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -51,6 +51,20 @@ def _category_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def drift_sentence(summary: dict[str, Any]) -> str | None:
+    """The adapted target's distance from the original one (Medusa-2 only: ``adapter_drift`` in the summary)."""
+    drift = summary.get("adapter_drift")
+    if drift is None:
+        return None
+    identical = drift["identical_answers"]
+    return (
+        "The target is LoRA-adapted (Medusa-2). Against the original target's greedy answers, the adapted target "
+        f"ranks {_fmt(drift['top1_agreement'], 3)} of their tokens first in the same context, and gives the same "
+        f"greedy answer token for token on {'n/a (sampled run)' if identical is None else f'{identical:.3f}'} "
+        "of the turns."
+    )
+
+
 def markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     settings = summary["settings"]
     tree_note = f", a {settings['tree_nodes']}-node candidate tree" if "tree_nodes" in settings else ""
@@ -68,6 +82,9 @@ def markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         "",
         *_overview(summary),
     ]
+    drift = drift_sentence(summary)
+    if drift:
+        lines += ["", drift]
     for category in summary["by_category"]:
         lines += ["", f"## {category}", "", *_category_table([r for r in rows if r["category"] == category])]
     return "\n".join(lines) + "\n"

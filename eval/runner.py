@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +13,12 @@ from drafters.base import Drafter
 from drafters.errors import DraftsmithError
 from drafters.target import Target
 from eval import report
+from eval.drift import Turn, adapter_drift
 from eval.engine import Generation, SpeculativeDecoder, eos_token_ids
 from eval.plain_drafter import PlainDrafter
-from eval.questions import Question
+from eval.questions import Question, prompt_ids
 from eval.sampling import SamplingConfig
 from eval.summary import summarize
-
-
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation so far, ending with the assistant's turn to speak (MT-Bench style)."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:  # base models: a plain transcript
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _turn_pair(
@@ -91,9 +84,12 @@ def evaluate(
     progress: bool = True,
     top_p: float = 1.0,
     drafter_name: str | None = None,
+    original: Sequence[Sequence[Turn]] | None = None,
 ) -> dict[str, Any]:
     """Decode every question plainly and speculatively (interleaved per turn) and summarise (DESIGN.md keys).
 
+    ``original``: the original target's greedy answers to ``questions`` (`eval.drift.greedy_turns`) when
+    ``target`` is an adapted one (Medusa-2); the summary then gets ``adapter_drift``.
     With ``out``, also write results.jsonl, summary.json, report.md and PNG plots there."""
     if not questions:
         raise DraftsmithError("no questions to evaluate; check the question file and limit")
@@ -103,18 +99,22 @@ def evaluate(
     decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer), sampling=sampling)
     plain = PlainDrafter()
     rows = []
+    plain_answers = []
     bar = tqdm(questions, desc=f"eval {drafter_name or drafter.config.kind}", unit="q", disable=not progress)
     for index, question in enumerate(bar):
         plain_gens, answers, spec_gens = _turn_pair(
             decoder, target.tokenizer, drafter, plain, question, max_new_tokens, seed * 100_003 + index
         )
         rows.append(_row(question, answers, plain_gens, spec_gens, sampling.greedy))
+        plain_answers.append([g.tokens for g in plain_gens])
         steps = [n for row in rows for n in row["accept_lengths"]]
         bar.set_postfix(tau=f"{sum(steps) / max(len(steps), 1):.2f}")
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     if getattr(drafter.config, "tree", None) is not None:
         settings["tree_nodes"] = len(drafter.config.tree)
     summary = summarize(rows, drafter_name or drafter.config.kind, target.identity.name, settings)
+    if original is not None:
+        summary["adapter_drift"] = adapter_drift(target.model, original, plain_answers if sampling.greedy else None)
     if out is not None:
         report.write(Path(out), summary, rows)
     return summary

@@ -3,26 +3,33 @@ carries the adapter and the evaluator merges it, so it verifies with the adapted
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_llama
 from huggingface_hub.utils import filter_repo_objects
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from test_training_resume import KillAtStep, Killed
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
 
+import eval.drift
 from drafters.errors import DraftsmithError, one_line_errors
 from drafters.medusa import MedusaConfig
+from drafters.target import Target
 from eval.engine import SpeculativeDecoder
-from eval.loading import load_drafter
+from eval.loading import adapt_target, carries_adapter, load_drafter
 from eval.plain_drafter import PlainDrafter
+from eval.questions import DEFAULT_QUESTIONS, load_questions
 from eval.testing import assert_lossless_greedy
+from training.callbacks import AcceptanceEval
 from training.datamodule import DistillDataModule
 from training.export import Exporter
 from training.features import CachedFeatures
@@ -149,6 +156,13 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
     assert not any("lora" in name for name, _ in served.model.named_modules())  # merged, plain layers again
     assert served.identity.name.endswith("+ adapter/ of the drafter")  # reports say which model they measured
     assert served.identity.weights_hash == base.identity.weights_hash
+    later = tiny_target()  # `python -m eval` decodes with the original target first (drift), then merges
+    unmerged = load_drafter("org/medusa2-tiny", later, merge_adapter=False)
+    assert carries_adapter(unmerged) and not carries_adapter(load_drafter("ngram", later))
+    with torch.no_grad():
+        torch.testing.assert_close(later.model(ids).logits, base.model(ids).logits)
+        adapt_target(unmerged, later)
+        torch.testing.assert_close(later.model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
     decoder = SpeculativeDecoder(served.model, eos_ids=set())
     adapted_plain = [decoder.generate(p, PlainDrafter(), 24).tokens for p in prompts()]
@@ -159,6 +173,43 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
     assert sum(step.accepted for step in steps) > 0 and any(step.offered > step.accepted for step in steps)
     assert_lossless_greedy(served.model, drafter, prompts(), 24)  # `python -m eval`: the merged adapter
     assert_lossless_greedy(trained_model, module.drafter, prompts(), 24)  # the per-epoch eval: the live adapter
+
+
+def test_per_epoch_evaluation_measures_the_drift_from_the_original_target(real_target, tmp_path, monkeypatch):
+    """The original's answers are decoded once, with the adapters off, and every epoch is compared with them."""
+    tiny = tiny_llama(vocab_size=len(real_target.tokenizer))  # the real tokenizer: the questions are text
+    target = Target(tiny, real_target.tokenizer, real_target.identity)
+    base = Target(copy.deepcopy(tiny), real_target.tokenizer, real_target.identity)
+    module = DrafterModule(tiny_drafter(target, "medusa", **LORA), target.model, settings())
+    with torch.no_grad():
+        for param in adapters(module).values():
+            param.normal_(0.0, 0.3)
+    decoded_originals = []
+    greedy_turns = eval.drift.greedy_turns
+
+    def counting_greedy_turns(*args, **kwargs):
+        decoded_originals.append(greedy_turns(*args, **kwargs))
+        return decoded_originals[-1]
+
+    monkeypatch.setattr(eval.drift, "greedy_turns", counting_greedy_turns)
+    questions = load_questions(DEFAULT_QUESTIONS)[:2]
+    exporter = Exporter(tmp_path / "export", target.identity, {}, module.adapter)
+    callback = AcceptanceEval(target, questions, exporter, max_new_tokens=4, out=tmp_path / "epochs")
+    logged = []
+    trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=0,
+                              loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))])
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        callback.on_train_epoch_end(trainer, module)
+
+    assert len(decoded_originals) == 1 and decoded_originals[0] == greedy_turns(base, questions, 4)
+    drift = eval.drift.adapter_drift(target.model, decoded_originals[0],
+                                     [[t.tokens for t in q] for q in greedy_turns(target, questions, 4)])
+    assert drift["top1_agreement"] < 1.0  # the adapters were on for the comparison, and are on again after it
+    for metrics in logged:
+        assert metrics["drift/top1_agreement"] == pytest.approx(drift["top1_agreement"])
+        assert metrics["drift/identical_answers"] == pytest.approx(drift["identical_answers"])
+    assert "LoRA-adapted (Medusa-2)" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_feature_cache_zero3_and_borrowed_modules_are_refused(tmp_path, capsys):

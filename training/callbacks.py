@@ -17,7 +17,8 @@ from training.report import print_acceptance
 class AcceptanceEval(L.Callback):
     """After each training epoch, rank 0 decodes the held-out questions with the drafter (greedy, lossless
     check included), logs tau / alpha_k / speedup, and rewrites the export when tau beats the best so far.
-    With Medusa-2 the target is the adapted one: peft put the adapters inside the target model itself.
+    With Medusa-2 the target is the adapted one: peft put the adapters inside the target model itself. The
+    original target's greedy answers are decoded once (it never changes) and give the drift figures.
 
     Other processes wait at their next collective; global RNG states are left untouched, so evaluating
     does not change what training draws next (resumed runs stay identical to uninterrupted ones).
@@ -44,6 +45,18 @@ class AcceptanceEval(L.Callback):
         self.best_tau: float | None = None
         self.best_summary: dict[str, Any] | None = None
         self.best_epoch_dir: Path | None = None
+        self.original: list[Any] | None = None
+
+    def _original_answers(self, pl_module: L.LightningModule) -> list[Any] | None:
+        adapter = getattr(pl_module, "adapter", None)
+        if adapter is None:
+            return None
+        if self.original is None:
+            from eval.drift import greedy_turns
+
+            with adapter.disable_adapter():
+                self.original = greedy_turns(self.target, self.questions, self.max_new_tokens)
+        return self.original
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.questions:
@@ -58,6 +71,7 @@ class AcceptanceEval(L.Callback):
         epoch = trainer.current_epoch
         epoch_dir = None if self.out is None else self.out / f"epoch{epoch}"
         with torch.random.fork_rng(devices=[]), torch.no_grad():
+            original = self._original_answers(pl_module)
             summary = evaluate(
                 self.target,
                 drafter,
@@ -67,9 +81,13 @@ class AcceptanceEval(L.Callback):
                 out=epoch_dir,
                 seed=self.seed,
                 progress=True,
+                original=original,
             )
         pl_module.train(was_training)
         metrics = {"accept/tau": float(summary["tau"]), "accept/speedup": float(summary["speedup"])}
+        for name, value in summary.get("adapter_drift", {}).items():
+            if value is not None:
+                metrics[f"drift/{name}"] = float(value)
         metrics.update({f"accept/alpha_{k}": float(a) for k, a in enumerate(summary["alpha"], start=1)})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -15,6 +15,7 @@ from torch import nn
 
 from drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
 from drafters.target import TargetIdentity
+from eval.report import drift_sentence
 from training.report import markdown_table
 
 
@@ -57,11 +58,12 @@ def model_card(
         tags=["draftsmith", "speculative-decoding", f"drafter-{kind}"],
         pipeline_tag="text-generation",
     )
+    drift = f"\n{drift_sentence(summary)}\n" if summary and drift_sentence(summary) else ""
     metrics = (
         f"Greedy speculative decoding on {summary.get('n_questions', '?')} held-out questions "
         f"(tau = tokens per target forward, bonus token included; alpha_k = acceptance of draft position k "
         f"given 1..k-1 accepted; speedup = wall-clock tokens/s against plain decoding, same process):\n\n"
-        f"{markdown_table(summary)}\n"
+        f"{markdown_table(summary)}\n{drift}"
         if summary
         else "No evaluation was run for this export.\n"
     )

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from eval.report import drift_sentence
+
 
 def _row(name: str, values: dict[str, Any], depth: int) -> list[str]:
     alpha = list(values.get("alpha") or [])
@@ -45,4 +47,8 @@ def print_acceptance(summary: dict[str, Any], title: str, console: Console | Non
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    drift = drift_sentence(summary)
+    if drift:
+        console.print(drift)
