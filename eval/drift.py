@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from drafters.target import Target
 from eval.engine import SpeculativeDecoder, eos_token_ids
@@ -30,12 +31,14 @@ class Turn:
 
 
 @torch.inference_mode()
-def greedy_turns(target: Target, questions: Sequence[Question], max_new_tokens: int) -> list[list[Turn]]:
+def greedy_turns(
+    target: Target, questions: Sequence[Question], max_new_tokens: int, progress: bool = True
+) -> list[list[Turn]]:
     """Plain greedy answers of ``target`` to every turn of every question (multi-turn, its own history)."""
     decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer))
     tokenizer = target.tokenizer
     answers = []
-    for question in questions:
+    for question in tqdm(questions, desc="original target, greedy", unit="q", disable=not progress):
         messages: list[dict[str, str]] = []
         turns = []
         for text in question.turns:
