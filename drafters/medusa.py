@@ -29,6 +29,9 @@ adapter, the export carries it, and `eval.loading` merges it into the target bef
   next-token distributions at the positions that predict a target-written token.
 - ``lora_lr`` = None: the trainer's lr; the paper gives the heads a larger lr than the backbone, so the
   Medusa-2 recipes set a smaller one here.
+- ``heads_warmup_steps`` = 0: optimizer steps that train the heads alone before the adapters start (with their
+  own warmup and cosine decay over the rest of the run). The paper's heads warmup: fresh heads would otherwise
+  push large gradients into the target.
 
 Use: ``MedusaDrafter(MedusaConfig())``, then ``bind(target_model)`` (builds the heads when the sizes came
 from the target) before training or decoding.
@@ -62,12 +65,15 @@ class MedusaConfig(MultiHeadConfig):
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     distill_weight: float = 1.0
     lora_lr: float | None = None
+    heads_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.num_heads < 1 or self.num_layers < 0 or self.tree_topk < 1:
             raise DraftsmithError("medusa needs num_heads >= 1, num_layers >= 0 and tree_topk >= 1")
         if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0 or self.distill_weight < 0:
             raise DraftsmithError("medusa needs lora_rank >= 0, 0 <= lora_dropout < 1 and distill_weight >= 0")
+        if self.heads_warmup_steps < 0:
+            raise DraftsmithError(f"medusa heads_warmup_steps={self.heads_warmup_steps}: give a count >= 0")
         if self.lora_lr is not None and self.lora_lr <= 0:
             raise DraftsmithError(f"medusa lora_lr={self.lora_lr}: give a positive learning rate (null = trainer.lr)")
         if isinstance(self.lora_target_modules, str):

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import huggingface_hub
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,24 @@ def test_only_the_adapters_and_the_heads_train(tmp_path):
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert {k for k in saved if k.startswith("target.")} == {"target." + name for name in lora}
     assert "train/kl" in module.trainer.callback_metrics
+
+
+def test_heads_warmup_trains_the_heads_alone_first(tmp_path):
+    seen = []  # per step: the adapters' lr and whether any adapter weight has moved yet
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            moved = any(p.abs().sum() > 0 for name, p in adapters(module).items() if ".lora_B." in name)
+            seen.append((trainer.optimizers[0].param_groups[-1]["lr"], moved))
+
+    tiny_fit(tmp_path, settings(max_epochs=2, warmup_steps=2), drafter_fields={**LORA, "heads_warmup_steps": 3},
+             callbacks=[Watch()])  # fmt: skip
+    lrs, moved = zip(*seen)
+    # the lr logged after step s is the one step s+1 uses: steps 1-3 at 0, step 4 starts the adapters' warmup at 0
+    assert lrs[:3] == (0.0, 0.0, 0.0) and lrs[3] > 0 and not any(moved[:4]) and moved[-1]
+    assert max(lrs) == pytest.approx(3e-3)
+    with pytest.raises(DraftsmithError, match="heads_warmup_steps=99 covers the whole run"):
+        tiny_fit(tmp_path / "long", settings(max_epochs=1), drafter_fields={**LORA, "heads_warmup_steps": 99})
 
 
 def test_the_kl_starts_at_zero_and_grows_once_the_adapters_move():

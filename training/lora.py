@@ -64,8 +64,14 @@ def set_dropout_mode(model: nn.Module, training: bool) -> None:
             module.train(training)
 
 
+def adapter_start_step(config: Any) -> int:
+    """The first optimizer step that updates the adapters (after the heads' warmup)."""
+    return int(getattr(config, "heads_warmup_steps", 0))
+
+
 def lora_param_groups(model: nn.Module, config: Any, weight_decay: float) -> list[dict[str, Any]]:
-    """The optimizer group of the target's trainable (LoRA) weights, with ``lora_lr`` if set; none if frozen."""
+    """The optimizer group of the target's trainable (LoRA) weights, with ``lora_lr`` if set; none if frozen.
+    It comes last among the groups: the schedule gives it its own start (`adapter_start_step`)."""
     params = [param for param in model.parameters() if param.requires_grad]
     if not params:
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -9,7 +10,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
 
 from drafters.base import Drafter
 from drafters.errors import DraftsmithError
@@ -23,6 +23,18 @@ from training.settings import TrainSettings
 
 TARGET_PREFIX = "target."
 TREE_FIELDS = ("tree", "tree_nodes", "rank_acc")
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, start: int = 0) -> float:
+    """Learning-rate factor: 0 before ``start``, then a linear warmup over ``warmup`` steps and a cosine decay
+    to 0 at ``start + total`` (transformers' get_cosine_schedule_with_warmup, shifted by ``start``)."""
+    step -= start
+    if step < 0:
+        return 0.0
+    if step < warmup:
+        return step / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class DrafterModule(L.LightningModule):
@@ -121,7 +133,17 @@ class DrafterModule(L.LightningModule):
             lr=self.settings.lr,
         )
         total = self._total_steps()
-        schedule = get_cosine_schedule_with_warmup(optimizer, min(self.settings.warmup_steps, total), total)
+        warmup = min(self.settings.warmup_steps, total)
+        factors = [functools.partial(warmup_cosine, warmup=warmup, total=total)] * len(optimizer.param_groups)
+        start = lora.adapter_start_step(self.drafter.config) if self.adapted else 0
+        if start >= total:
+            raise DraftsmithError(
+                f"drafter.heads_warmup_steps={start} covers the whole run ({total} optimizer steps), so the "
+                "adapters would never train: lower it or train longer"
+            )
+        if start:  # the LoRA group is the last one: it waits for the heads, then runs its own warmup and decay
+            factors[-1] = functools.partial(warmup_cosine, warmup=warmup, total=total - start, start=start)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _total_steps(self) -> int:
