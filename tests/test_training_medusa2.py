@@ -241,6 +241,8 @@ def test_feature_cache_zero3_and_borrowed_modules_are_refused(tmp_path, capsys):
     with pytest.raises(DraftsmithError, match="ZeRO-3"):
         check_adapted_target(medusa2, settings(), zero3=True)
     check_adapted_target(medusa1, settings(features="cache"), zero3=True)
+    with pytest.raises(DraftsmithError, match="heads_warmup_steps=-1: give a count >= 0"):
+        MedusaConfig(lora_rank=4, heads_warmup_steps=-1)
     with pytest.raises(DraftsmithError, match="lm_head: the heads borrow it"):
         MedusaConfig(lora_rank=4, lora_target_modules=["q_proj", "lm_head"])
 

@@ -58,7 +58,8 @@ def model_card(
         tags=["draftsmith", "speculative-decoding", f"drafter-{kind}"],
         pipeline_tag="text-generation",
     )
-    drift = f"\n{drift_sentence(summary)}\n" if summary and drift_sentence(summary) else ""
+    sentence = drift_sentence(summary) if summary else None
+    drift = f"\n{sentence}\n" if sentence else ""
     metrics = (
         f"Greedy speculative decoding on {summary.get('n_questions', '?')} held-out questions "
         f"(tau = tokens per target forward, bonus token included; alpha_k = acceptance of draft position k "
