@@ -62,7 +62,15 @@ def _load(name: str, target: Target) -> Drafter:
     except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
         raise DraftsmithError(str(err)) from None
     _check_target(drafter, name, target)
+    _check_adapter(drafter)
     return drafter.to(target.device).eval()
+
+
+def _check_adapter(drafter: Drafter) -> None:
+    """Refuse an export whose config names a target adapter that is not there, before any decoding."""
+    folder = drafter.export_config.get(ADAPTER_KEY)
+    if folder and not (drafter.export_dir / folder / "adapter_config.json").is_file():
+        raise DraftsmithError(f"{drafter.export_dir}/config.json names the target adapter {folder}/, which is missing")
 
 
 def carries_adapter(drafter: Drafter) -> bool:
@@ -76,9 +84,7 @@ def adapt_target(drafter: Drafter, target: Target) -> None:
     if not carries_adapter(drafter):
         return
     folder = drafter.export_config[ADAPTER_KEY]
-    path = drafter.export_dir / folder
-    if not (path / "adapter_config.json").is_file():
-        raise DraftsmithError(f"{drafter.export_dir}/config.json names the target adapter {folder}/, which is missing")
+    path = drafter.export_dir / folder  # present: `_check_adapter` ran when the drafter was loaded
     from peft import PeftModel
 
     target.model = PeftModel.from_pretrained(target.model, str(path)).merge_and_unload().eval()

@@ -194,6 +194,18 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
     assert_lossless_greedy(trained_model, module.drafter, prompts(), 24)  # the per-epoch eval: the live adapter
 
 
+def test_an_export_missing_its_adapter_is_refused_in_one_line(tmp_path):
+    module = medusa2_module()
+    out = Exporter(tmp_path / "export", tiny_target().identity, {"recipe_name": "tiny"}, module.adapter).write(
+        module.drafter, None
+    )
+    shutil.rmtree(out / "adapter")
+    served = tiny_target()
+    for merge in (True, False):  # refused at load time, before `python -m eval` decodes with the original
+        with pytest.raises(DraftsmithError, match="names the target adapter adapter/, which is missing"):
+            load_drafter(str(out), served, merge_adapter=merge)
+
+
 def test_per_epoch_evaluation_measures_the_drift_from_the_original_target(real_target, tmp_path, monkeypatch):
     """The original's answers are decoded once, with the adapters off, and every epoch is compared with them."""
     tiny = tiny_llama(vocab_size=len(real_target.tokenizer))  # the real tokenizer: the questions are text
