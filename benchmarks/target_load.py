@@ -1,6 +1,6 @@
 """Load time of the embedded target: the first load (GGUF conversion into an empty cache) vs a cached reload.
 
-    .venv/bin/python benchmarks/target_load.py
+.venv/bin/python benchmarks/target_load.py
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from drafters.errors import DraftsmithError
 
 SENTINEL = "\x1eDRAFTSMITH-ANSWER\x1e"
 
+
 def resolve_template(tokenizer: Any, chat_template: str | None) -> str:
     """The Jinja chat template in use: a named one, a literal one, or the tokenizer's own."""
     template = NAMED_TEMPLATES.get(chat_template, chat_template) if chat_template else None
@@ -22,8 +23,7 @@ def resolve_template(tokenizer: Any, chat_template: str | None) -> str:
     if not template:
         raise DraftsmithError(
             "the target's tokenizer has no chat template; set target.chat_template (or data.chat_template) to a "
-            "Jinja template or one of: "
-            + ", ".join(NAMED_TEMPLATES)
+            "Jinja template or one of: " + ", ".join(NAMED_TEMPLATES)
         )
     return template
 

@@ -77,7 +77,6 @@ def test_evaluate_reports_the_drift_of_an_adapted_target(real_target, tmp_path):
     assert "LoRA-adapted (Medusa-2)" in (tmp_path / "report.md").read_text()
 
 
-
 def test_no_drift_without_an_original(tiny_target):
     summary = evaluate(tiny_target, NgramDrafter(), two_questions(), max_new_tokens=4, progress=False)
     assert "adapter_drift" not in summary

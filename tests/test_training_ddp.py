@@ -19,24 +19,35 @@ from training.features import OnlineFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 held-out rows in batches of 2: 3 validation batches, so one process also gets an empty padding batch
-TRAIN = {"strategy": "ddp", "devices": 2, "max_epochs": 2, "checkpoint_every_n_steps": 2, "batch_size": 2,
-         "val_fraction": 0.25}
+TRAIN = {
+    "strategy": "ddp",
+    "devices": 2,
+    "max_epochs": 2,
+    "checkpoint_every_n_steps": 2,
+    "batch_size": 2,
+    "val_fraction": 0.25,
+}
 
 
 def train_on_two_processes(out: Path) -> None:
     module = tiny_fit(out, settings(**TRAIN), drafter_fields={"share_lm_head": False})
     rank = module.trainer.global_rank
     torch.save(
-        {"weights": module.drafter.state_dict(), "rank_accuracy": module.val_rank_accuracy,
-         "world_size": module.trainer.world_size, "steps": module.trainer.global_step},
+        {
+            "weights": module.drafter.state_dict(),
+            "rank_accuracy": module.val_rank_accuracy,
+            "world_size": module.trainer.world_size,
+            "steps": module.trainer.global_step,
+        },
         out / f"rank{rank}.pt",
     )
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)

@@ -13,20 +13,39 @@ import pytest
 from drafters.base import Drafter
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["Name three primary colours.", "What is the capital of France?", "Write a haiku about rain.",
-           "Explain what a prime number is.", "Give me a tip for sleeping better.", "What is 12 times 7?",
-           "Describe a cat in one sentence.", "Why is the sky blue?"]
+PROMPTS = [
+    "Name three primary colours.",
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "Explain what a prime number is.",
+    "Give me a tip for sleeping better.",
+    "What is 12 times 7?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+]
 TINY = [
-    "data.limit=8", "data.max_new_tokens=16",
-    "trainer.max_epochs=1", "trainer.batch_size=4", "trainer.val_fraction=0.25", "trainer.max_length=64",
-    "trainer.log_every_n_steps=1", "eval.limit=1", "eval.max_new_tokens=4",
+    "data.limit=8",
+    "data.max_new_tokens=16",
+    "trainer.max_epochs=1",
+    "trainer.batch_size=4",
+    "trainer.val_fraction=0.25",
+    "trainer.max_length=64",
+    "trainer.log_every_n_steps=1",
+    "eval.limit=1",
+    "eval.max_new_tokens=4",
 ]
 
 
 def _train(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -41,16 +60,27 @@ def test_train_py_end_to_end(tmp_path, real_target):
     for name in ("config.json", "model.safetensors", "README.md", "recipe.yaml", "eval/summary.json"):
         assert (run / "export" / name).is_file(), name
     assert (run / "eval" / "summary.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    drafter = Drafter.from_pretrained(run / "export", target=real_target.model,
-                                      tokenizer_hash=real_target.identity.tokenizer_hash)
+    drafter = Drafter.from_pretrained(
+        run / "export", target=real_target.model, tokenizer_hash=real_target.identity.tokenizer_hash
+    )
     assert drafter.config.kind == "amphista" and drafter.config.tree is not None  # tree measured on validation
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((run / "tensorboard").rglob("events.out.tfevents.*")).parent)).Reload()
     tags = set(events.Tags()["scalars"])
-    expected = {"train/loss", "train/tau_est", "train/acc_top1/pos1", "train/acc_top10/pos4", "val/tau_est",
-                "val/acc_top1/pos1", "accept/tau", "accept/alpha_1", "accept/speedup", "lr-AdamW/pg1"}
+    expected = {
+        "train/loss",
+        "train/tau_est",
+        "train/acc_top1/pos1",
+        "train/acc_top10/pos4",
+        "val/tau_est",
+        "val/acc_top1/pos1",
+        "accept/tau",
+        "accept/alpha_1",
+        "accept/speedup",
+        "lr-AdamW/pg1",
+    }
     assert expected <= tags, expected - tags
 
 

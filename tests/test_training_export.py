@@ -16,8 +16,14 @@ from training.export import write_export
 from training.report import acceptance_rows
 
 SUMMARY = {
-    "drafter": "medusa", "target": "tiny-llama", "n_questions": 3, "tau": 1.85, "tau_per_question": [1.8, 1.9, 1.85],
-    "alpha": [0.6, 0.35, 0.2], "speedup": 1.21, "tokens_per_s": {"plain": 10.0, "speculative": 12.1},
+    "drafter": "medusa",
+    "target": "tiny-llama",
+    "n_questions": 3,
+    "tau": 1.85,
+    "tau_per_question": [1.8, 1.9, 1.85],
+    "alpha": [0.6, 0.35, 0.2],
+    "speedup": 1.21,
+    "tokens_per_s": {"plain": 10.0, "speculative": 12.1},
     "lossless_mismatches": 0,
     "by_category": {"math": {"tau": 2.0, "alpha": [0.7, 0.4], "speedup": 1.3, "lossless_mismatches": 0}},
 }
@@ -37,8 +43,13 @@ def test_round_trip_gives_identical_weights_and_config(tmp_path):
     target = tiny_target()
     drafter = _trained_drafter(target)
     out = write_export(tmp_path / "export", drafter, target.identity, CONFIG, SUMMARY)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "eval", "model.safetensors",
-                                                     "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "eval",
+        "model.safetensors",
+        "recipe.yaml",
+    ]
     loaded = Drafter.from_pretrained(out, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
     assert loaded.config.to_dict() == drafter.config.to_dict()
     expected, got = drafter.state_dict(), loaded.state_dict()

@@ -129,8 +129,9 @@ def test_the_kl_starts_at_zero_and_grows_once_the_adapters_move():
             original = module.target(input_ids=ids, attention_mask=mask, position_ids=positions).logits
         kl = self_distillation_kl(module.target, batch, adapted.hidden_states[-1])
     terms = [
-        F.kl_div(F.log_softmax(adapted.logits[b, t], -1), F.log_softmax(original[b, t], -1), log_target=True,
-                 reduction="sum")
+        F.kl_div(
+            F.log_softmax(adapted.logits[b, t], -1), F.log_softmax(original[b, t], -1), log_target=True, reduction="sum"
+        )
         for b in range(ids.shape[0])
         for t in range(ids.shape[1] - 1)
         if mask[b, t] and mask[b, t + 1] and loss_mask[b, t + 1]
@@ -185,8 +186,9 @@ def test_export_carries_the_adapter_and_the_evaluator_verifies_with_the_adapted_
 
     decoder = SpeculativeDecoder(served.model, eos_ids=set())
     adapted_plain = [decoder.generate(p, PlainDrafter(), 24).tokens for p in prompts()]
-    base_plain = [SpeculativeDecoder(base.model, eos_ids=set()).generate(p, PlainDrafter(), 24).tokens
-                  for p in prompts()]
+    base_plain = [
+        SpeculativeDecoder(base.model, eos_ids=set()).generate(p, PlainDrafter(), 24).tokens for p in prompts()
+    ]
     assert adapted_plain != base_plain
     steps = decoder.generate(prompts()[1], drafter, 24).steps  # the comparison exercises acceptance and rollback
     assert sum(step.accepted for step in steps) > 0 and any(step.offered > step.accepted for step in steps)
@@ -227,15 +229,20 @@ def test_per_epoch_evaluation_measures_the_drift_from_the_original_target(real_t
     exporter = Exporter(tmp_path / "export", target.identity, {}, module.adapter)
     callback = AcceptanceEval(target, questions, exporter, max_new_tokens=4, out=tmp_path / "epochs")
     logged = []
-    trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=0,
-                              loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))])
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        current_epoch=0,
+        global_step=0,
+        loggers=[SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))],
+    )
     for epoch in range(2):
         trainer.current_epoch = epoch
         callback.on_train_epoch_end(trainer, module)
 
     assert len(decoded_originals) == 1 and decoded_originals[0] == greedy_turns(base, questions, 4)
-    drift = eval.drift.adapter_drift(target.model, decoded_originals[0],
-                                     [[t.tokens for t in q] for q in greedy_turns(target, questions, 4)])
+    drift = eval.drift.adapter_drift(
+        target.model, decoded_originals[0], [[t.tokens for t in q] for q in greedy_turns(target, questions, 4)]
+    )
     assert drift["top1_agreement"] < 1.0  # the adapters were on for the comparison, and are on again after it
     for metrics in logged:
         assert metrics["drift/top1_agreement"] == pytest.approx(drift["top1_agreement"])

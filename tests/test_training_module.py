@@ -27,12 +27,29 @@ def test_chain_tau_formula():
 def _distilled_folder(tmp_path, rows):
     """A minimal finished distillation folder around ``rows``, as data.build_distilled writes it."""
     store = ShardStore(tmp_path / "data")
-    full = [{**r, "category": "t", "n_turns": 1, "prompt_len": r["loss_mask"].index(1),
-             "n_target_tokens": sum(r["loss_mask"]), "n_truncated": 0} for r in rows]
+    full = [
+        {
+            **r,
+            "category": "t",
+            "n_turns": 1,
+            "prompt_len": r["loss_mask"].index(1),
+            "n_target_tokens": sum(r["loss_mask"]),
+            "n_truncated": 0,
+        }
+        for r in rows
+    ]
     with store.writing():
         shards = [store.write_shard(0, full[:10]), store.write_shard(1, full[10:])]
-        store.write_manifest({"format": FORMAT, "format_version": 1, "prompts_hash": "p", "generation": {},
-                              "shards": shards, "complete": True})
+        store.write_manifest(
+            {
+                "format": FORMAT,
+                "format_version": 1,
+                "prompts_hash": "p",
+                "generation": {},
+                "shards": shards,
+                "complete": True,
+            }
+        )
     assert shard_entry(0, full[:10])["rows"] == 10
     return store.root
 

@@ -52,5 +52,20 @@ def test_resume_refuses_another_drafter(tmp_path):
     train = settings(max_epochs=1, checkpoint_every_n_steps=3)
     tiny_fit(tmp_path, train)
     with pytest.raises(DraftsmithError, match="other drafter settings"):
-        tiny_fit(tmp_path, settings(max_epochs=2), drafter_fields={"num_layers": 2},
-                 ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+        tiny_fit(
+            tmp_path,
+            settings(max_epochs=2),
+            drafter_fields={"num_layers": 2},
+            ckpt_path=tmp_path / "checkpoints" / "last.ckpt",
+        )
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_field_existed(tmp_path):
+    train = settings(max_epochs=1, checkpoint_every_n_steps=3)
+    tiny_fit(tmp_path, train)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    del saved["drafter_config"]["heads_warmup_steps"]  # as written before Medusa-2's heads warmup existed
+    torch.save(saved, last)
+    resumed = tiny_fit(tmp_path, settings(max_epochs=2), ckpt_path=last)
+    assert resumed.trainer.current_epoch == 2

@@ -38,11 +38,13 @@ def tiny_rows(n: int = 24, vocab: int = VOCAB, seed: int = 0) -> datasets.Datase
         start = int(torch.randint(3, vocab - 8, (1,), generator=generator))
         answer_len = int(torch.randint(8, 40, (1,), generator=generator))
         answer = [start + (j % 6) for j in range(answer_len)]
-        rows.append({
-            "id": f"row{i}",
-            "input_ids": prompt.tolist() + answer,
-            "loss_mask": [0] * len(prompt) + [1] * answer_len,
-        })
+        rows.append(
+            {
+                "id": f"row{i}",
+                "input_ids": prompt.tolist() + answer,
+                "loss_mask": [0] * len(prompt) + [1] * answer_len,
+            }
+        )
     return datasets.Dataset.from_list(rows)
 
 
@@ -64,8 +66,17 @@ def tiny_drafter(target: Target, kind: str = "medusa", **fields: Any) -> Drafter
 
 
 def settings(**overrides: Any) -> TrainSettings:
-    base = {"max_epochs": 2, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "val_fraction": 0.2,
-            "max_length": 64, "log_every_n_steps": 1, "checkpoint_every_n_steps": 3, "sort_chunk": 2}
+    base = {
+        "max_epochs": 2,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "val_fraction": 0.2,
+        "max_length": 64,
+        "log_every_n_steps": 1,
+        "checkpoint_every_n_steps": 3,
+        "sort_chunk": 2,
+    }
     return TrainSettings.from_config({**base, **overrides})
 
 
@@ -97,8 +108,13 @@ def tiny_fit(
     target = tiny_target()
     drafter = tiny_drafter(target, kind, **(drafter_fields or {}))
     datamodule = DistillDataModule(
-        tiny_rows(), batch_size=train_settings.batch_size, val_fraction=train_settings.val_fraction,
-        max_length=train_settings.max_length, pad_id=0, seed=seed, sort_chunk=train_settings.sort_chunk,
+        tiny_rows(),
+        batch_size=train_settings.batch_size,
+        val_fraction=train_settings.val_fraction,
+        max_length=train_settings.max_length,
+        pad_id=0,
+        seed=seed,
+        sort_chunk=train_settings.sort_chunk,
     )
     module = DrafterModule(drafter, target.model, train_settings, features)
     make_trainer(out, train_settings, callbacks).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -9,14 +9,19 @@ import lightning as L
 import torch
 from rich.console import Console
 
+from drafters.errors import DraftsmithError
 from drafters.target import Target
 from training.export import Exporter
 from training.report import print_acceptance
 
+KEEP_MODES = ("best", "last")
+
 
 class AcceptanceEval(L.Callback):
     """After each training epoch, rank 0 decodes the held-out questions with the drafter (greedy, lossless
-    check included), logs tau / alpha_k / speedup, and rewrites the export when tau beats the best so far.
+    check included), logs tau / alpha_k / speedup, and rewrites the export: ``keep="best"`` when tau beats
+    the best so far, ``keep="last"`` every epoch (a few questions make tau noisy, and picking the maximum of
+    noisy figures favours lucky epochs; with a decaying learning rate the last weights are the usual choice).
     With Medusa-2 the target is the adapted one: peft put the adapters inside the target model itself. The
     original target's greedy answers are decoded once (it never changes) and give the drift figures.
 
@@ -34,7 +39,11 @@ class AcceptanceEval(L.Callback):
         temperature: float = 0.0,
         out: str | Path | None = None,
         seed: int = 0,
+        keep: str = "best",
     ) -> None:
+        if keep not in KEEP_MODES:
+            raise DraftsmithError(f"eval.keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
+        self.keep = keep
         self.target = target
         self.questions = questions
         self.exporter = exporter
@@ -42,9 +51,10 @@ class AcceptanceEval(L.Callback):
         self.temperature = temperature
         self.out = Path(out) if out is not None else None
         self.seed = seed
-        self.best_tau: float | None = None
-        self.best_summary: dict[str, Any] | None = None
-        self.best_epoch_dir: Path | None = None
+        self.kept_tau: float | None = None
+        self.kept_summary: dict[str, Any] | None = None
+        self.kept_epoch_dir: Path | None = None
+        self.kept_step: int | None = None  # the optimizer step of the exported weights
         self.original: list[Any] | None = None
 
     def _original_answers(self, pl_module: L.LightningModule) -> list[Any] | None:
@@ -92,21 +102,31 @@ class AcceptanceEval(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         print_acceptance(summary, f"acceptance after epoch {epoch}", Console(stderr=True))
-        if self.best_tau is None or summary["tau"] > self.best_tau:
-            self.best_tau = float(summary["tau"])
-            self.best_summary = summary
-            self.best_epoch_dir = epoch_dir
+        if self.keep == "last" or self.kept_tau is None or summary["tau"] > self.kept_tau:
+            self.kept_tau = float(summary["tau"])
+            self.kept_summary = summary
+            self.kept_epoch_dir = epoch_dir
+            self.kept_step = int(trainer.global_step)
             self.exporter.write(drafter, summary)
+
+    def holds_final(self, final_step: int) -> bool:
+        """Whether the export already holds what this run should keep, evaluated: the best epoch's, or with
+        ``keep="last"`` the weights of ``final_step`` (a resumed run can end past its last evaluation)."""
+        if self.kept_tau is None or self.kept_epoch_dir is None:
+            return False
+        return self.keep == "best" or self.kept_step == final_step
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "best_tau": self.best_tau,
-            "best_summary": self.best_summary,
-            "best_epoch_dir": None if self.best_epoch_dir is None else str(self.best_epoch_dir),
+            "kept_tau": self.kept_tau,
+            "kept_summary": self.kept_summary,
+            "kept_epoch_dir": None if self.kept_epoch_dir is None else str(self.kept_epoch_dir),
+            "kept_step": self.kept_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_tau = state_dict.get("best_tau")
-        self.best_summary = state_dict.get("best_summary")
-        folder = state_dict.get("best_epoch_dir")
-        self.best_epoch_dir = None if folder is None else Path(folder)
+        self.kept_tau = state_dict.get("kept_tau")
+        self.kept_summary = state_dict.get("kept_summary")
+        folder = state_dict.get("kept_epoch_dir")
+        self.kept_epoch_dir = None if folder is None else Path(folder)
+        self.kept_step = state_dict.get("kept_step")

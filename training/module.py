@@ -169,8 +169,12 @@ class DrafterModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self._step(batch)
         weight = out["n"].detach().double()[0]
-        sums = {"hits": out["topk_hits"].detach().double(), "n": out["n"].detach().double(),
-                "loss": out["loss"].detach().double() * weight, "loss_weight": weight}
+        sums = {
+            "hits": out["topk_hits"].detach().double(),
+            "n": out["n"].detach().double(),
+            "loss": out["loss"].detach().double() * weight,
+            "loss_weight": weight,
+        }
         for key, value in sums.items():
             self._val_sums[key] = self._val_sums.get(key, 0) + value
 
@@ -210,9 +214,14 @@ class DrafterModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = dict(checkpoint.get("drafter_config") or {})
         current = self.drafter.config.to_dict()
+        # a field added since the checkpoint was written counts as its default, which keeps the old behaviour
+        defaults = type(self.drafter.config)().to_dict()
         # the measured tree changes during training; every other field must match the run being resumed
-        differing = sorted(k for k in set(saved) | set(current)
-                           if k not in TREE_FIELDS and saved.get(k) != current.get(k))
+        differing = sorted(
+            k
+            for k in set(saved) | set(current)
+            if k not in TREE_FIELDS and saved.get(k, defaults.get(k)) != current.get(k)
+        )
         if saved and differing:
             raise DraftsmithError(
                 f"the checkpoint to resume has other drafter settings ({', '.join(differing)}): "

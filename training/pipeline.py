@@ -183,6 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         temperature=float(cfg.eval.get("temperature", 0.0)),
         out=out / "epoch_eval",
         seed=int(cfg.seed),
+        keep=str(cfg.eval.get("keep", "best")),
     )
     trainer = L.Trainer(
         **trainer_kwargs,
@@ -200,7 +201,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     module.to(device)  # Lightning's teardown moves the module to the CPU; the final eval runs where training did
     if not trainer.is_global_zero:
         return None
-    return finish(cfg, out, target, module, acceptance, exporter, questions, zero3)
+    return finish(cfg, out, target, module, acceptance, exporter, questions, zero3, trainer.global_step)
 
 
 def finish(
@@ -212,16 +213,18 @@ def finish(
     exporter: Exporter,
     questions: list[Any],
     zero3: bool,
+    final_step: int,
 ) -> dict[str, Any] | None:
-    """Rank 0 after fit: make sure the export holds the best drafter, evaluate it into ${out}/eval, publish."""
+    """Rank 0 after fit: make sure the export holds the drafter to keep (``eval.keep``), evaluate it into
+    ${out}/eval, publish."""
     from eval.runner import evaluate
 
     summary = None
-    if acceptance.best_tau is not None and acceptance.best_epoch_dir is not None:
-        # the best export was evaluated after its epoch with these very settings: reuse that evaluation
+    if acceptance.holds_final(final_step):
+        # the kept export was evaluated after its epoch with these very settings: reuse that evaluation
         shutil.rmtree(out / "eval", ignore_errors=True)
-        shutil.copytree(acceptance.best_epoch_dir, out / "eval")
-        summary = acceptance.best_summary
+        shutil.copytree(acceptance.kept_epoch_dir, out / "eval")
+        summary = acceptance.kept_summary
     else:
         drafter = module.drafter
         if zero3:
@@ -232,9 +235,14 @@ def finish(
         drafter.eval()
         if questions:
             summary = evaluate(
-                target, drafter, questions,
-                max_new_tokens=int(cfg.eval.max_new_tokens), temperature=float(cfg.eval.get("temperature", 0.0)),
-                out=out / "eval", seed=int(cfg.seed), progress=True,
+                target,
+                drafter,
+                questions,
+                max_new_tokens=int(cfg.eval.max_new_tokens),
+                temperature=float(cfg.eval.get("temperature", 0.0)),
+                out=out / "eval",
+                seed=int(cfg.seed),
+                progress=True,
             )
         exporter.write(drafter, summary)
     if summary is not None:

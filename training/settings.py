@@ -58,8 +58,17 @@ class TrainSettings:
             raise DraftsmithError(f"trainer.features={self.features!r}: use one of {', '.join(FEATURE_MODES)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise DraftsmithError(f"trainer.val_fraction={self.val_fraction}: give a fraction in [0, 1)")
-        positive = ("devices", "num_nodes", "batch_size", "accumulate_grad_batches", "max_length", "max_epochs",
-                    "log_every_n_steps", "checkpoint_every_n_steps", "sort_chunk")
+        positive = (
+            "devices",
+            "num_nodes",
+            "batch_size",
+            "accumulate_grad_batches",
+            "max_length",
+            "max_epochs",
+            "log_every_n_steps",
+            "checkpoint_every_n_steps",
+            "sort_chunk",
+        )
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise DraftsmithError(f"trainer.{name}={getattr(self, name)}: must be at least 1")
