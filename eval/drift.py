@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from drafters.target import Target
 from eval.engine import SpeculativeDecoder, eos_token_ids
 from eval.plain_drafter import PlainDrafter
-from eval.questions import Question, prompt_ids
+from eval.questions import Question, answer_turn
 
 
 @dataclass(frozen=True)
@@ -42,12 +42,8 @@ def greedy_turns(
         messages: list[dict[str, str]] = []
         turns = []
         for text in question.turns:
-            messages.append({"role": "user", "content": text})
-            prompt = prompt_ids(tokenizer, messages)
-            tokens = decoder.generate(prompt, PlainDrafter(), max_new_tokens).tokens
-            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            messages.append({"role": "assistant", "content": answer})
-            turns.append(Turn(prompt, tokens))
+            prompt, generation = answer_turn(decoder, tokenizer, messages, text, PlainDrafter(), max_new_tokens)
+            turns.append(Turn(prompt, generation.tokens))
         answers.append(turns)
     return answers
 

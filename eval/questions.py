@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from drafters.errors import DraftsmithError
+
+if TYPE_CHECKING:
+    import torch
+
+    from drafters.base import Drafter
+    from eval.engine import Generation, SpeculativeDecoder
 
 DEFAULT_QUESTIONS = Path(__file__).parent / "questions" / "mini_specbench.jsonl"
 
@@ -73,3 +79,23 @@ def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     else:  # base models: a plain transcript
         text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_turn(
+    decoder: SpeculativeDecoder,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    text: str,
+    drafter: Drafter,
+    max_new_tokens: int,
+    rng: torch.Generator | None = None,
+) -> tuple[list[int], Generation]:
+    """Ask ``text`` as the next user turn of ``messages``, decode the answer and append both to ``messages``
+    (each model continues its own history). Returns the prompt's ids and the generation."""
+    messages.append({"role": "user", "content": text})
+    prompt = prompt_ids(tokenizer, messages)
+    generation = decoder.generate(prompt, drafter, max_new_tokens, rng)
+    messages.append(
+        {"role": "assistant", "content": tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()}
+    )
+    return prompt, generation

@@ -16,7 +16,7 @@ from eval import report
 from eval.drift import Turn, adapter_drift
 from eval.engine import Generation, SpeculativeDecoder, eos_token_ids
 from eval.plain_drafter import PlainDrafter
-from eval.questions import Question, prompt_ids
+from eval.questions import Question, answer_turn
 from eval.sampling import SamplingConfig
 from eval.summary import summarize
 
@@ -43,13 +43,8 @@ def _turn_pair(
             (plain_messages, plain, plain_rng, plain_gens),
             (spec_messages, drafter, spec_rng, spec_gens),
         ):
-            messages.append({"role": "user", "content": turn})
-            generation = decoder.generate(prompt_ids(tokenizer, messages), runner, max_new_tokens, rng)
-            answer = tokenizer.decode(generation.tokens, skip_special_tokens=True).strip()
-            messages.append({"role": "assistant", "content": answer})
-            store.append(generation)
-            if runner is drafter:
-                answers.append(answer)
+            store.append(answer_turn(decoder, tokenizer, messages, turn, runner, max_new_tokens, rng)[1])
+        answers.append(spec_messages[-1]["content"])
     return plain_gens, answers, spec_gens
 
 
