@@ -70,6 +70,11 @@ def test_keeps_the_best_export_and_resumes_its_record(tmp_path, scripted_taus):
     restored.load_state_dict(callback.state_dict())
     assert (restored.kept_tau, restored.kept_epoch_dir) == (1.8, callback.kept_epoch_dir)
 
+    legacy = AcceptanceEval(target, ["q"], callback.exporter, max_new_tokens=4)  # a checkpoint from before eval.keep
+    old = callback.state_dict()
+    legacy.load_state_dict({"best_summary": old["kept_summary"], "best_epoch_dir": old["kept_epoch_dir"]})
+    assert (legacy.kept_tau, legacy.kept_epoch_dir, legacy.kept_step) == (1.8, callback.kept_epoch_dir, None)
+
 
 def _run_epochs(callback: AcceptanceEval, drafter: nn.Module, tmp_path, epochs: int) -> list[float]:
     trainer = SimpleNamespace(is_global_zero=True, current_epoch=0, global_step=0, loggers=[])

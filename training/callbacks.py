@@ -51,7 +51,6 @@ class AcceptanceEval(L.Callback):
         self.temperature = temperature
         self.out = Path(out) if out is not None else None
         self.seed = seed
-        self.kept_tau: float | None = None
         self.kept_summary: dict[str, Any] | None = None
         self.kept_epoch_dir: Path | None = None
         self.kept_step: int | None = None  # the optimizer step of the exported weights
@@ -103,11 +102,14 @@ class AcceptanceEval(L.Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         print_acceptance(summary, f"acceptance after epoch {epoch}", Console(stderr=True))
         if self.keep == "last" or self.kept_tau is None or summary["tau"] > self.kept_tau:
-            self.kept_tau = float(summary["tau"])
             self.kept_summary = summary
             self.kept_epoch_dir = epoch_dir
             self.kept_step = int(trainer.global_step)
             self.exporter.write(drafter, summary)
+
+    @property
+    def kept_tau(self) -> float | None:
+        return None if self.kept_summary is None else float(self.kept_summary["tau"])
 
     def holds_final(self, final_step: int) -> bool:
         """Whether the export already holds what this run should keep, evaluated: the best epoch's, or with
@@ -118,15 +120,14 @@ class AcceptanceEval(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "kept_tau": self.kept_tau,
             "kept_summary": self.kept_summary,
             "kept_epoch_dir": None if self.kept_epoch_dir is None else str(self.kept_epoch_dir),
             "kept_step": self.kept_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.kept_tau = state_dict.get("kept_tau")
-        self.kept_summary = state_dict.get("kept_summary")
-        folder = state_dict.get("kept_epoch_dir")
+        # "best_*": the keys of checkpoints written before eval.keep existed (they kept the best tau)
+        self.kept_summary = state_dict.get("kept_summary", state_dict.get("best_summary"))
+        folder = state_dict.get("kept_epoch_dir", state_dict.get("best_epoch_dir"))
         self.kept_epoch_dir = None if folder is None else Path(folder)
         self.kept_step = state_dict.get("kept_step")
