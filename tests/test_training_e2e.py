@@ -84,10 +84,14 @@ def test_train_py_end_to_end(tmp_path, real_target):
     assert expected <= tags, expected - tags
 
 
-def test_user_mistakes_end_in_one_error_line_and_exit_2(tmp_path):
-    done = _train(f"out={tmp_path}", "trainer.strategy=bogus", timeout=120)
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("trainer.strategy=bogus", "error: trainer.strategy='bogus'"), ("eval.keep=newest", "error: eval.keep must be")],
+)
+def test_user_mistakes_end_in_one_error_line_and_exit_2(tmp_path, override, message):
+    done = _train(f"out={tmp_path}", override, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("error: trainer.strategy='bogus'")
+    assert done.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in done.stderr
 
 

@@ -17,6 +17,12 @@ from training.report import print_acceptance
 KEEP_MODES = ("best", "last")
 
 
+def check_keep(keep: str) -> str:
+    if keep not in KEEP_MODES:
+        raise DraftsmithError(f"eval.keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
+    return keep
+
+
 class AcceptanceEval(L.Callback):
     """After each training epoch, rank 0 decodes the held-out questions with the drafter (greedy, lossless
     check included), logs tau / alpha_k / speedup, and rewrites the export: ``keep="best"`` when tau beats
@@ -41,9 +47,7 @@ class AcceptanceEval(L.Callback):
         seed: int = 0,
         keep: str = "best",
     ) -> None:
-        if keep not in KEEP_MODES:
-            raise DraftsmithError(f"eval.keep must be one of {', '.join(KEEP_MODES)}, got {keep!r}")
-        self.keep = keep
+        self.keep = check_keep(keep)
         self.target = target
         self.questions = questions
         self.exporter = exporter

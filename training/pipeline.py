@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
 from drafters.errors import DraftsmithError
 from drafters.target import Target, load_target
-from training.callbacks import AcceptanceEval
+from training.callbacks import AcceptanceEval, check_keep
 from training.datamodule import DistillDataModule
 from training.export import Exporter
 from training.features import CachedFeatures, FeatureSource, OnlineFeatures
@@ -151,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     out = Path(cfg.out)
     # before the slow steps, so a typo or a missing DeepSpeed fails at once
     ckpt_path = resume_checkpoint(out, bool(cfg.resume))
+    keep = check_keep(str(cfg.eval.get("keep", "best")))
     trainer_kwargs = trainer_arguments(settings)
     zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
     check_adapted_target(drafter_config(cfg.drafter), settings, zero3)
@@ -183,7 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         temperature=float(cfg.eval.get("temperature", 0.0)),
         out=out / "epoch_eval",
         seed=int(cfg.seed),
-        keep=str(cfg.eval.get("keep", "best")),
+        keep=keep,
     )
     trainer = L.Trainer(
         **trainer_kwargs,
