@@ -19,6 +19,9 @@ def run(cfg: DictConfig) -> None:
         f"rows {manifest['rows']}  tokens {manifest['tokens']}  target-written tokens {manifest['target_tokens']}  "
         f"folder {folder}"
     )
+    unseen = cfg.data.unseen
+    if unseen.out:
+        print(f"unseen questions: {unseen.count} synthesized prompts the data leaves out -> {unseen.out}")
 
 
 @hydra.main(version_base=None, config_path="../recipes", config_name="config")

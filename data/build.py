@@ -1,6 +1,7 @@
 """`build_distilled`: prompts -> target regeneration -> sharded store (resumable), plus the optional
 feature cache. With ``out: null`` the folder is keyed by target, prompts and generation settings under the
-shared cache, so a second run with the same inputs reuses it."""
+shared cache, so a second run with the same inputs reuses it. ``data.unseen.out`` also writes synthesized prompts
+the data leaves out as a question file for held-out evaluation."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from data.config import DataConfig
 from data.prompts import Conversation, load_prompts, prompts_hash
 from data.regenerate import regenerate
 from data.store import FORMAT, FORMAT_VERSION, ShardStore, check_same_run, shard_entry, summarize
-from data.synth import synthesize_prompts
+from data.synth import synthesize_prompts, write_unseen_questions
 from drafters.base import TargetNeeds
 from drafters.target import Target, cache_root
 
@@ -98,6 +99,8 @@ def _generate_missing(
 def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) -> Path:
     """Generate (or continue, or reuse) the distillation data of ``cfg_data`` for ``target``; returns its folder."""
     cfg = DataConfig.from_mapping(cfg_data)
+    if cfg.unseen.out is not None:  # first: a few seconds, kept even if the regeneration below is interrupted
+        write_unseen_questions(target, cfg)
     conversations = resolve_prompts(cfg, target)
     identity = run_identity(cfg, target, conversations)
     folder = Path(cfg.out) if cfg.out else default_folder(identity)

@@ -80,6 +80,21 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class UnseenConfig:
+    """Synthesized prompts the data leaves out (the ``count`` after the ``synth.n`` it uses), written to
+    ``out`` as an eval question file: a held-out set from the same generator as the training prompts."""
+
+    count: int = 32
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.count) and self.count > 0, "unseen.count", "a positive integer", self.count)
+        _check(
+            self.out is None or (isinstance(self.out, str) and bool(self.out)), "unseen.out", "null or a path", self.out
+        )
+
+
+@dataclass(frozen=True)
 class FeaturesConfig:
     """Optional cache of target hidden states / top-k log-probs beside the data."""
 
@@ -113,10 +128,13 @@ class DataConfig:
     cache_implementation: str = "static"
     out: str | None = None
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    unseen: UnseenConfig = field(default_factory=UnseenConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.synth, SynthConfig):
             object.__setattr__(self, "synth", _build(SynthConfig, self.synth, "data.synth"))
+        if not isinstance(self.unseen, UnseenConfig):
+            object.__setattr__(self, "unseen", _build(UnseenConfig, self.unseen, "data.unseen"))
         if not isinstance(self.features, FeaturesConfig):
             object.__setattr__(self, "features", _build(FeaturesConfig, self.features, "data.features"))
         _check(
@@ -124,6 +142,12 @@ class DataConfig:
             "prompts",
             '"synth", a JSONL/JSON file, or a datasets name or folder',
             self.prompts,
+        )
+        _check(
+            self.unseen.out is None or self.prompts == "synth",
+            "unseen.out",
+            'null unless data.prompts is "synth" (hold questions out of a prompt file yourself)',
+            self.unseen.out,
         )
         _check(self.limit is None or (_is_int(self.limit) and self.limit > 0), "limit", "null or > 0", self.limit)
         _check(

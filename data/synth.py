@@ -3,11 +3,13 @@ user headers, writes what a user would ask. Sampled, first line kept, junk filte
 
 Batch ``b`` is sampled with a seed derived from (seed, b), and every batch's accepted prompts are appended
 to a cache file as one JSON line, so an interrupted synthesis continues where it stopped and gives the same
-prompts as an uninterrupted one. The cache key leaves out ``n``: asking for more prompts extends the file.
+prompts as an uninterrupted one. The cache key leaves out ``n``: asking for more prompts extends the file,
+which is also how ``write_unseen_questions`` finds prompts from the same generator that the data never used.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from data.chat import SENTINEL, ChatTemplate
-from data.config import SynthConfig
+from data.config import DataConfig, SynthConfig
 from data.prompts import Conversation
 from drafters.errors import DraftsmithError
 from drafters.target import Target, cache_root
@@ -154,3 +156,20 @@ def synthesize_prompts(
                 bar.update(min(len(fresh), cfg.n - bar.n))
         bar.close()
     return [Conversation(id=f"synth-{i:05d}", category="synth", turns=[p]) for i, p in enumerate(kept[: cfg.n])]
+
+
+def write_unseen_questions(target: Target, cfg: DataConfig) -> Path:
+    """Write the ``cfg.unseen.count`` prompts synthesized after the ``cfg.synth.n`` the data uses to
+    ``cfg.unseen.out`` as an eval question file (JSONL ``{"id", "category", "turns"}``); returns its path."""
+    if cfg.unseen.out is None:
+        raise DraftsmithError("set data.unseen.out=FILE to write the unseen prompts as a question file")
+    extended = dataclasses.replace(cfg.synth, n=cfg.synth.n + cfg.unseen.count)
+    unseen = synthesize_prompts(target, extended, cfg.system_prompt, cfg.seed, cfg.chat_template)[cfg.synth.n :]
+    path = Path(cfg.unseen.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for c in unseen:
+            f.write(json.dumps({"id": c.id, "category": c.category, "turns": c.turns}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,4 +1,5 @@
-"""Prompt synthesis: seeded, filtered, deduplicated, cached batch by batch, resumable to the same prompts.
+"""Prompt synthesis: seeded, filtered, deduplicated, cached batch by batch, resumable to the same prompts;
+the prompts after the data's make a held-out question file.
 
 The model's sampling is replaced by a seeded draw from a fixed pool of lines (real sampling over a
 49k vocabulary is slow on a shared CPU and is exercised by the regeneration benchmark)."""
@@ -12,10 +13,11 @@ import pytest
 import torch
 
 from data.chat import ChatTemplate
-from data.config import SynthConfig
-from data.synth import synthesize_prompts, user_header
+from data.config import DataConfig, SynthConfig
+from data.synth import synthesize_prompts, user_header, write_unseen_questions
 from drafters.errors import DraftsmithError
 from drafters.target import Target
+from eval.questions import load_questions
 
 CFG = SynthConfig(n=6, batch_size=4, max_new_tokens=16)
 POOL = [f"How do I learn topic number {i} well?" for i in range(12)] + ["ok", "1234567890123", "Tell me a joke, please"]
@@ -80,3 +82,27 @@ def test_a_target_that_writes_no_usable_prompt_is_stopped(
     monkeypatch.setattr(tiny_target.model, "generate", pooled_generate(tiny_target, ["ok", "1234567890123", ""]))
     with pytest.raises(DraftsmithError, match="only 0 usable prompts"):
         synthesize_prompts(tiny_target, SynthConfig(n=2, batch_size=2, max_new_tokens=16))
+
+
+def test_unseen_questions_are_the_prompts_after_the_data_s_and_load_as_a_question_file(
+    tiny_target: Target, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRAFTSMITH_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny_target.model, "generate", pooled_generate(tiny_target))
+    out = tmp_path / "held" / "unseen.jsonl"
+    cfg = DataConfig(synth=CFG, seed=1, unseen={"count": 3, "out": str(out)})
+    assert write_unseen_questions(tiny_target, cfg) == out
+    data_prompts = [c.turns[0] for c in synthesize_prompts(tiny_target, CFG, seed=1)]
+    questions = load_questions(out)
+    assert [q.id for q in questions] == ["synth-00006", "synth-00007", "synth-00008"]
+    assert all(q.category == "synth" and len(q.turns) == 1 for q in questions)
+    assert not {q.turns[0] for q in questions} & set(data_prompts)
+    extended = synthesize_prompts(tiny_target, SynthConfig(n=9, batch_size=4, max_new_tokens=16), seed=1)
+    assert [q.turns[0] for q in questions] == [c.turns[0] for c in extended[6:]]
+
+
+def test_unseen_questions_need_synthesized_prompts() -> None:
+    with pytest.raises(DraftsmithError, match=r"data\.unseen\.out must be null unless data\.prompts is \"synth\""):
+        DataConfig(prompts="prompts.jsonl", unseen={"out": "unseen.jsonl"})
+    with pytest.raises(DraftsmithError, match=r"data\.unseen\.count must be a positive integer"):
+        DataConfig(unseen={"count": 0})
