@@ -39,5 +39,9 @@ bench-eval: venv
 bench-drafting: venv
 	$(PY) benchmarks/drafting_cost.py
 
+bench-train: venv
+	$(PY) benchmarks/train_step.py recipe=amphista_smollm2 shape=smollm2-135m steps=8 warmup=2
+	$(PY) benchmarks/train_step.py recipe=medusa_smollm2 shape=smollm2-135m steps=8 warmup=2
+
 clean:
 	rm -rf .venv outputs
