@@ -5,7 +5,7 @@ PIP := .venv/bin/pip
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 DEMO_OUT ?= outputs/demo
 
-.PHONY: venv demo test lint bench-target bench-data bench-eval bench-drafting clean
+.PHONY: venv demo test lint bench-target bench-data bench-eval bench-drafting bench-train clean
 
 venv: .venv/.installed
 
