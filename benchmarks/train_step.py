@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from drafters.base import drafter_class
 from drafters.errors import DraftsmithError, one_line_errors
@@ -44,7 +44,7 @@ SHAPES = {
 OPTIONS = {"shape": "vicuna-7b", "steps": 10, "warmup": 3}
 
 
-def random_target(shape: str, dtype: torch.dtype) -> LlamaForCausalLM:
+def random_target(shape: str, dtype: torch.dtype) -> PreTrainedModel:
     hidden, layers, heads, kv_heads, ffn, vocab = SHAPES[shape]
     config = LlamaConfig(
         hidden_size=hidden,
@@ -56,8 +56,9 @@ def random_target(shape: str, dtype: torch.dtype) -> LlamaForCausalLM:
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 33B target built on the CPU is slow
-        model = LlamaForCausalLM(config).to(dtype)
+    # built on the GPU in its final dtype: a float32 copy of a 33B target first would not fit
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -69,7 +70,7 @@ def random_rows(count: int, length: int, vocab: int) -> datasets.Dataset:
 
 
 @torch.no_grad()
-def forward_rate(target: LlamaForCausalLM, batch: torch.Tensor, repeats: int) -> float:
+def forward_rate(target: PreTrainedModel, batch: torch.Tensor, repeats: int) -> float:
     """Tokens/s of the frozen target's forward alone on ``batch``: the floor a training step cannot go under."""
     sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     target(input_ids=batch)
