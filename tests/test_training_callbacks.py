@@ -113,6 +113,16 @@ def test_keep_best_holds_the_best_epoch_whatever_the_final_step(tmp_path, script
     assert callback.kept_step == 10 and callback.holds_final(20)
 
 
+def test_keep_best_breaks_a_tie_for_the_later_epoch(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval.runner, "evaluate", lambda *args, **kwargs: _summary(1.5))
+    target = tiny_target()
+    callback = AcceptanceEval(
+        target, ["q"], Exporter(tmp_path / "export", target.identity, {}), max_new_tokens=4, out=tmp_path / "epochs"
+    )
+    assert _run_epochs(callback, tiny_drafter(target), tmp_path, 2) == [1.5, 1.5]
+    assert callback.kept_step == 20 and callback.kept_epoch_dir == tmp_path / "epochs" / "epoch1"
+
+
 def test_an_unknown_keep_mode_is_one_clear_error(tmp_path):
     target = tiny_target()
     with pytest.raises(DraftsmithError, match="eval.keep must be one of best, last"):

@@ -25,8 +25,8 @@ def check_keep(keep: str) -> str:
 
 class AcceptanceEval(L.Callback):
     """After each training epoch, rank 0 decodes the held-out questions with the drafter (greedy, lossless
-    check included), logs tau / alpha_k / speedup, and rewrites the export: ``keep="best"`` when tau beats
-    the best so far, ``keep="last"`` every epoch (a few questions make tau noisy, and picking the maximum of
+    check included), logs tau / alpha_k / speedup, and rewrites the export: ``keep="best"`` when tau matches or
+    beats the best so far, ``keep="last"`` every epoch (a few questions make tau noisy, and picking the maximum of
     noisy figures favours lucky epochs; with a decaying learning rate the last weights are the usual choice).
     With Medusa-2 the target is the adapted one: peft put the adapters inside the target model itself. The
     original target's greedy answers are decoded once (it never changes) and give the drift figures.
@@ -105,7 +105,8 @@ class AcceptanceEval(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         print_acceptance(summary, f"acceptance after epoch {epoch}", Console(stderr=True))
-        if self.keep == "last" or self.kept_tau is None or summary["tau"] > self.kept_tau:
+        # a tie goes to the later epoch: the same measured tau after more training (a few questions tie often)
+        if self.keep == "last" or self.kept_tau is None or summary["tau"] >= self.kept_tau:
             self.kept_summary = summary
             self.kept_epoch_dir = epoch_dir
             self.kept_step = int(trainer.global_step)
