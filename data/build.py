@@ -99,8 +99,7 @@ def _generate_missing(
 def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) -> Path:
     """Generate (or continue, or reuse) the distillation data of ``cfg_data`` for ``target``; returns its folder."""
     cfg = DataConfig.from_mapping(cfg_data)
-    if cfg.unseen.out is not None:  # first: a few seconds, kept even if the regeneration below is interrupted
-        write_unseen_questions(target, cfg)
+    write_unseen_questions(target, cfg)  # first: seconds, kept even if the regeneration below is interrupted
     conversations = resolve_prompts(cfg, target)
     identity = run_identity(cfg, target, conversations)
     folder = Path(cfg.out) if cfg.out else default_folder(identity)

@@ -158,11 +158,12 @@ def synthesize_prompts(
     return [Conversation(id=f"synth-{i:05d}", category="synth", turns=[p]) for i, p in enumerate(kept[: cfg.n])]
 
 
-def write_unseen_questions(target: Target, cfg: DataConfig) -> Path:
+def write_unseen_questions(target: Target, cfg: DataConfig) -> Path | None:
     """Write the ``cfg.unseen.count`` prompts synthesized after the ``cfg.synth.n`` the data uses to
-    ``cfg.unseen.out`` as an eval question file (JSONL ``{"id", "category", "turns"}``); returns its path."""
+    ``cfg.unseen.out`` as an eval question file (JSONL ``{"id", "category", "turns"}``); returns its path, or
+    None when ``cfg.unseen.out`` is not set."""
     if cfg.unseen.out is None:
-        raise DraftsmithError("set data.unseen.out=FILE to write the unseen prompts as a question file")
+        return None
     extended = dataclasses.replace(cfg.synth, n=cfg.synth.n + cfg.unseen.count)
     unseen = synthesize_prompts(target, extended, cfg.system_prompt, cfg.seed, cfg.chat_template)[cfg.synth.n :]
     path = Path(cfg.unseen.out)

@@ -91,6 +91,7 @@ def test_unseen_questions_are_the_prompts_after_the_data_s_and_load_as_a_questio
     monkeypatch.setattr(tiny_target.model, "generate", pooled_generate(tiny_target))
     out = tmp_path / "held" / "unseen.jsonl"
     cfg = DataConfig(synth=CFG, seed=1, unseen={"count": 3, "out": str(out)})
+    assert write_unseen_questions(tiny_target, DataConfig(synth=CFG, seed=1)) is None  # data.unseen.out unset
     assert write_unseen_questions(tiny_target, cfg) == out
     data_prompts = [c.turns[0] for c in synthesize_prompts(tiny_target, CFG, seed=1)]
     questions = load_questions(out)
