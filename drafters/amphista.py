@@ -62,7 +62,6 @@ class AmphistaConfig(MultiHeadConfig):
     rope_base: float = 10000.0
     dropout: float = 0.0
     identity_init: bool = True
-    loss_type: str = "ce"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_stages <= self.num_heads:
@@ -71,8 +70,6 @@ class AmphistaConfig(MultiHeadConfig):
             )
         if self.layers_per_stage < 1 or self.head_layers < 0 or self.tree_topk < 1:
             raise DraftsmithError("amphista needs layers_per_stage >= 1, head_layers >= 0 and tree_topk >= 1")
-        if self.loss_type not in ("ce", "kl"):
-            raise DraftsmithError(f"amphista loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         super().__post_init__()
 
     def head_groups(self) -> list[int]:

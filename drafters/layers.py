@@ -18,10 +18,13 @@ from drafters.errors import DraftsmithError
 @dataclass
 class MultiHeadConfig(DrafterConfig):
     """Fields every multi-head drafter (Medusa, Amphista) shares: its heads, their vocabulary projection, the
-    per-position loss weights and the candidate tree. Kinds add their own fields and checks."""
+    per-position loss weights and the candidate tree. Kinds add their own fields and checks.
+    ``loss_type`` = "ce": cross-entropy on the target-written tokens; "kl": KL(target || head) to the target's
+    distribution (the features must carry its logits)."""
 
     num_heads: int = 4
     share_lm_head: bool = True
+    loss_type: str = "ce"
     loss_decay: float = 0.8
     tree: list[list[int]] | None = None
     tree_nodes: int = 63
@@ -31,6 +34,8 @@ class MultiHeadConfig(DrafterConfig):
     vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.loss_type not in ("ce", "kl"):
+            raise DraftsmithError(f"{self.kind} loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         if self.tree is not None:
             self.tree = [[int(r) for r in path] for path in self.tree]
         if self.rank_acc is not None:
@@ -211,7 +216,7 @@ def multi_head_loss(
         elif target_logits is None:
             term = F.cross_entropy(logits, labels)
         else:
-            reference = F.log_softmax(target_logits[rows, positions + k].float(), dim=-1)
+            reference = F.log_softmax(target_logits[rows, positions + k].detach().float(), dim=-1)
             term = F.kl_div(F.log_softmax(logits, dim=-1), reference, log_target=True, reduction="batchmean")
         terms.append(decay ** (k - 1) * term)
         ranks = min(topk, logits.shape[-1])

@@ -10,7 +10,9 @@ Choices the paper leaves open (config field, default):
 - ``num_heads`` = 4 (the paper uses 4 to 5); ``num_layers`` = 1 residual block per head.
 - ``share_lm_head`` = True: every head uses the target's LM head, borrowed and frozen (not saved); False
   gives each head a trainable copy initialised from it (K x vocab x hidden more parameters).
-- ``loss_decay`` = 0.8: loss = sum_k 0.8**(k-1) CE_k, each CE_k the mean over head k's counted positions.
+- ``loss_type`` = "ce": head k's loss is the cross-entropy on the target-written token t+k+1; "kl" = KL(target ||
+  head k) to the target's distribution for that token (its logits at t+k; the features must carry them).
+- ``loss_decay`` = 0.8: loss = sum_k 0.8**(k-1) L_k, each L_k the mean over head k's counted positions.
 - ``tree`` = None: the Medusa-paper greedy tree of ``tree_nodes`` nodes built from a prior (the paper's
   Vicuna-7B head accuracies, `drafters.trees.prior_rank_acc`); `set_tree` stores a measured tree instead.
 - ``tree_nodes`` = 63 (the shipped Medusa trees); ``tree_topk`` = 10 candidates per head, also the ranks
@@ -110,7 +112,7 @@ class MedusaDrafter(TreeMixin, Drafter):
         self.heads = VocabHeads(c.num_heads, c.hidden_size, c.num_layers, c.vocab_size or 0, c.share_lm_head)
 
     def target_needs(self) -> TargetNeeds:
-        return TargetNeeds(hidden_layers=(-1,))
+        return TargetNeeds(hidden_layers=(-1,), logits=self.config.loss_type == "kl")
 
     def bind(self, target: nn.Module) -> None:
         weight = borrow_lm_head(self.borrowed, target)
@@ -132,12 +134,15 @@ class MedusaDrafter(TreeMixin, Drafter):
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
         lm_head, bias = self._lm_head()
-        hidden = check_batch(batch, features, needs_logits=False).to(lm_head.dtype)
+        kl = self.config.loss_type == "kl"
+        hidden = check_batch(batch, features, needs_logits=kl).to(lm_head.dtype)
 
         def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.heads.head_logits(k - 1, hidden[rows, positions], lm_head, bias)
 
-        return multi_head_loss(head_logits, batch, self.config.num_heads, self.config.loss_decay, self.config.tree_topk)
+        c = self.config
+        target_logits = features["logits"] if kl else None
+        return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
 
     # -- decoding ------------------------------------------------------------------------------
 

@@ -54,14 +54,19 @@ def randomize(drafter: Drafter, seed: int = 1) -> None:
             param.normal_(0.0, 0.3)
 
 
-def test_loss_matches_a_hand_computation(target) -> None:
-    drafter = medusa(target, loss_decay=0.7)
+@pytest.mark.parametrize("loss_type", ["ce", "kl"])
+def test_loss_matches_a_hand_computation(target, loss_type: str) -> None:
+    drafter = medusa(target, loss_decay=0.7, loss_type=loss_type)
+    assert drafter.target_needs().logits == (loss_type == "kl")
     randomize(drafter)
     batch, features = batch_and_features(target)
+    hidden, lm_head = features["hidden"][-1], target.lm_head.weight
+    target_logits = hidden @ lm_head.T
+    if loss_type == "kl":
+        features["logits"] = target_logits
     out = drafter.loss(batch, features)
 
     ids, inside, counted_label = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    hidden, lm_head = features["hidden"][-1], target.lm_head.weight
     expected, counts, top1 = 0.0, [], []
     for k in range(1, HEADS + 1):
         linear = drafter.heads.blocks[k - 1][0].linear
@@ -72,7 +77,11 @@ def test_loss_matches_a_hand_computation(target) -> None:
                 if inside[b, t] and inside[b, label_pos] and counted_label[b, label_pos]:
                     h = hidden[b, t]
                     logits = (h + F.silu(linear.weight @ h + linear.bias)) @ lm_head.T
-                    losses.append(F.cross_entropy(logits[None], ids[b, label_pos][None]))
+                    if loss_type == "ce":
+                        losses.append(F.cross_entropy(logits[None], ids[b, label_pos][None]))
+                    else:  # the target's distribution for token t+k+1 is its output at t+k
+                        reference = target_logits[b, t + k].softmax(-1)
+                        losses.append((reference * (reference.log() - logits.log_softmax(-1))).sum())
                     hits += int(logits.argmax() == ids[b, label_pos])
         expected += 0.7 ** (k - 1) * torch.stack(losses).mean()
         counts.append(len(losses))
@@ -198,6 +207,10 @@ def test_user_mistakes_are_clear_errors(target) -> None:
         drafter.loss({k: v for k, v in batch.items() if k != "loss_mask"}, features)
     with pytest.raises(DraftsmithError, match="align"):
         drafter.loss(batch, {"hidden": {-1: features["hidden"][-1][:, :5]}})
+    with pytest.raises(DraftsmithError, match="loss_type=kl"):
+        medusa(target, loss_type="kl").loss(batch, features)
+    with pytest.raises(DraftsmithError, match="medusa loss_type must be"):
+        MedusaConfig(loss_type="mse")
 
 
 @pytest.mark.parametrize("kind", ["medusa", "amphista"])
