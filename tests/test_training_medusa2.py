@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 from huggingface_hub.utils import filter_repo_objects
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_training_resume import KillAtStep, Killed
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
@@ -36,7 +37,7 @@ from training.export import Exporter
 from training.features import CachedFeatures
 from training.lora import self_distillation_kl
 from training.module import DrafterModule
-from training.pipeline import check_adapted_target, run
+from training.pipeline import check_adapted_target, finish, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,8 +209,9 @@ def test_an_export_missing_its_adapter_is_refused_in_one_line(tmp_path):
             load_drafter(str(out), served, merge_adapter=merge)
 
 
-def test_per_epoch_evaluation_measures_the_drift_from_the_original_target(real_target, tmp_path, monkeypatch):
-    """The original's answers are decoded once, with the adapters off, and every epoch is compared with them."""
+def test_every_evaluation_measures_the_drift_from_the_original_target(real_target, tmp_path, monkeypatch):
+    """The original's answers are decoded once, with the adapters off, and every epoch is compared with them, and
+    so is a final export that no epoch evaluated (keep=last, a run ending past its last evaluation)."""
     tiny = tiny_llama(vocab_size=len(real_target.tokenizer))  # the real tokenizer: the questions are text
     target = Target(tiny, real_target.tokenizer, real_target.identity)
     base = Target(copy.deepcopy(tiny), real_target.tokenizer, real_target.identity)
@@ -227,7 +229,7 @@ def test_per_epoch_evaluation_measures_the_drift_from_the_original_target(real_t
     monkeypatch.setattr(eval.drift, "greedy_turns", counting_greedy_turns)
     questions = load_questions(DEFAULT_QUESTIONS)[:2]
     exporter = Exporter(tmp_path / "export", target.identity, {}, module.adapter)
-    callback = AcceptanceEval(target, questions, exporter, max_new_tokens=4, out=tmp_path / "epochs")
+    callback = AcceptanceEval(target, questions, exporter, max_new_tokens=4, out=tmp_path / "epochs", keep="last")
     logged = []
     trainer = SimpleNamespace(
         is_global_zero=True,
@@ -248,6 +250,12 @@ def test_per_epoch_evaluation_measures_the_drift_from_the_original_target(real_t
         assert metrics["drift/top1_agreement"] == pytest.approx(drift["top1_agreement"])
         assert metrics["drift/identical_answers"] == pytest.approx(drift["identical_answers"])
     assert "LoRA-adapted (Medusa-2)" in (tmp_path / "export" / "README.md").read_text()
+
+    cfg = OmegaConf.create({"recipe_name": "tiny", "publish": {"repo_id": None}})
+    summary = finish(cfg, tmp_path, target, module, callback, exporter, zero3=False, final_step=7)
+    assert summary["adapter_drift"] == pytest.approx(drift) and len(decoded_originals) == 1
+    exported = json.loads((tmp_path / "export" / "eval" / "summary.json").read_text())
+    assert exported["adapter_drift"] == pytest.approx(drift)
 
 
 def test_feature_cache_zero3_and_borrowed_modules_are_refused(tmp_path, capsys):

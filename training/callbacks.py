@@ -31,6 +31,9 @@ class AcceptanceEval(L.Callback):
     With Medusa-2 the target is the adapted one: peft put the adapters inside the target model itself. The
     original target's greedy answers are decoded once (it never changes) and give the drift figures.
 
+    ``every_epoch=False`` (ZeRO-3, whose sharded target cannot decode inside fit) leaves the epochs alone; the
+    pipeline then calls ``measure`` once after training, as it does for a final export no epoch evaluated.
+
     Other processes wait at their next collective; global RNG states are left untouched, so evaluating
     does not change what training draws next (resumed runs stay identical to uninterrupted ones).
     """
@@ -46,8 +49,10 @@ class AcceptanceEval(L.Callback):
         out: str | Path | None = None,
         seed: int = 0,
         keep: str = "best",
+        every_epoch: bool = True,
     ) -> None:
         self.keep = check_keep(keep)
+        self.every_epoch = every_epoch
         self.target = target
         self.questions = questions
         self.exporter = exporter
@@ -71,32 +76,48 @@ class AcceptanceEval(L.Callback):
                 self.original = greedy_turns(self.target, self.questions, self.max_new_tokens)
         return self.original
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.questions:
-            return
+    def measure(
+        self,
+        pl_module: L.LightningModule,
+        out: Path | None,
+        *,
+        target: Target | None = None,
+        drafter: torch.nn.Module | None = None,
+    ) -> dict[str, Any]:
+        """Decode the questions with ``drafter`` (default: the module's) on ``target`` (default: this callback's)
+        with this callback's settings, in eval mode, without touching the global RNG; a Medusa-2 module's
+        summary carries the drift from the original target."""
         from eval.runner import evaluate
 
-        drafter = pl_module.drafter
+        target = self.target if target is None else target
+        drafter = pl_module.drafter if drafter is None else drafter
         # the whole module: with its adapter dropout on, a Medusa-2 target would be random, and speculative and
         # plain decoding would disagree
-        was_training = pl_module.training
+        modes = [(module, module.training) for module in (pl_module, drafter)]
         pl_module.eval()
-        epoch = trainer.current_epoch
-        epoch_dir = None if self.out is None else self.out / f"epoch{epoch}"
+        drafter.eval()
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            original = self._original_answers(pl_module)
             summary = evaluate(
-                self.target,
+                target,
                 drafter,
                 self.questions,
                 max_new_tokens=self.max_new_tokens,
                 temperature=self.temperature,
-                out=epoch_dir,
+                out=out,
                 seed=self.seed,
                 progress=True,
-                original=original,
+                original=self._original_answers(pl_module),
             )
-        pl_module.train(was_training)
+        for module, training in modes:
+            module.train(training)
+        return summary
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.every_epoch or not self.questions:
+            return
+        epoch = trainer.current_epoch
+        epoch_dir = None if self.out is None else self.out / f"epoch{epoch}"
+        summary = self.measure(pl_module, epoch_dir)
         metrics = {"accept/tau": float(summary["tau"]), "accept/speedup": float(summary["speedup"])}
         for name, value in summary.get("adapter_drift", {}).items():
             if value is not None:
@@ -110,7 +131,7 @@ class AcceptanceEval(L.Callback):
             self.kept_summary = summary
             self.kept_epoch_dir = epoch_dir
             self.kept_step = int(trainer.global_step)
-            self.exporter.write(drafter, summary)
+            self.exporter.write(pl_module.drafter, summary)
 
     @property
     def kept_tau(self) -> float | None:

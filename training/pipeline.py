@@ -175,16 +175,16 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if settings.strategy == "deepspeed":
         module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out
     exporter = Exporter(out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True), module.adapter)
-    questions = load_eval_questions(cfg.eval)
     acceptance = AcceptanceEval(
         target,
-        [] if zero3 else questions,  # ZeRO-3 shards the target: evaluate once after training instead
+        load_eval_questions(cfg.eval),
         exporter,
         max_new_tokens=int(cfg.eval.max_new_tokens),
         temperature=float(cfg.eval.get("temperature", 0.0)),
         out=out / "epoch_eval",
         seed=int(cfg.seed),
         keep=keep,
+        every_epoch=not zero3,  # ZeRO-3 shards the target: evaluate once after training instead
     )
     trainer = L.Trainer(
         **trainer_kwargs,
@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     module.to(device)  # Lightning's teardown moves the module to the CPU; the final eval runs where training did
     if not trainer.is_global_zero:
         return None
-    return finish(cfg, out, target, module, acceptance, exporter, questions, zero3, trainer.global_step)
+    return finish(cfg, out, target, module, acceptance, exporter, zero3, trainer.global_step)
 
 
 def finish(
@@ -212,14 +212,11 @@ def finish(
     module: DrafterModule,
     acceptance: AcceptanceEval,
     exporter: Exporter,
-    questions: list[Any],
     zero3: bool,
     final_step: int,
 ) -> dict[str, Any] | None:
     """Rank 0 after fit: make sure the export holds the drafter to keep (``eval.keep``), evaluate it into
     ${out}/eval, publish."""
-    from eval.runner import evaluate
-
     summary = None
     if acceptance.holds_final(final_step):
         # the kept export was evaluated after its epoch with these very settings: reuse that evaluation
@@ -232,19 +229,8 @@ def finish(
             target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
             drafter = build_drafter(cfg.drafter, target)
             zero3_drafter(out / "checkpoints" / "last.ckpt", drafter)
-        module.eval()  # a Medusa-2 target's adapter dropout off, like the per-epoch evaluation
-        drafter.eval()
-        if questions:
-            summary = evaluate(
-                target,
-                drafter,
-                questions,
-                max_new_tokens=int(cfg.eval.max_new_tokens),
-                temperature=float(cfg.eval.get("temperature", 0.0)),
-                out=out / "eval",
-                seed=int(cfg.seed),
-                progress=True,
-            )
+        if acceptance.questions:
+            summary = acceptance.measure(module, out / "eval", target=target, drafter=drafter)
         exporter.write(drafter, summary)
     if summary is not None:
         print_acceptance(summary, f"{cfg.recipe_name}: acceptance of {out / 'export'}")
