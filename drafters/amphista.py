@@ -175,7 +175,7 @@ class AmphistaDrafter(TreeMixin, Drafter):
                 linear.bias.zero_()
 
     def target_needs(self) -> TargetNeeds:
-        return TargetNeeds(hidden_layers=(-1,), logits=self.config.loss_type == "kl")
+        return self.config.target_needs()
 
     def bind(self, target: nn.Module) -> None:
         weight = borrow_lm_head(self.borrowed, target)
@@ -240,13 +240,13 @@ class AmphistaDrafter(TreeMixin, Drafter):
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
         lm_head, bias = self._lm_head()
-        hidden = check_batch(batch, features, needs_logits=self.config.loss_type == "kl").to(lm_head.dtype)
+        hidden, target_logits = check_batch(batch, features, self.config)
+        hidden = hidden.to(lm_head.dtype)
         slots = self.head_features(hidden, batch["input_ids"], batch["attention_mask"])
 
         def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.heads.head_logits(k - 1, slots[rows, positions, k - 1], lm_head, bias)
 
-        target_logits = features["logits"] if self.config.loss_type == "kl" else None
         c = self.config
         return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from drafters.base import DrafterConfig
+from drafters.base import DrafterConfig, TargetNeeds
 from drafters.errors import DraftsmithError
 
 
@@ -40,6 +40,10 @@ class MultiHeadConfig(DrafterConfig):
             self.tree = [[int(r) for r in path] for path in self.tree]
         if self.rank_acc is not None:
             self.rank_acc = [[float(v) for v in row] for row in self.rank_acc]
+
+    def target_needs(self) -> TargetNeeds:
+        """The target's last hidden state, and its logits for the KL loss."""
+        return TargetNeeds(hidden_layers=(-1,), logits=self.loss_type == "kl")
 
     def adopt_target_sizes(self, vocab: int, hidden: int) -> None:
         """Take the target's sizes; a drafter saved for other sizes belongs to another target."""
@@ -167,8 +171,11 @@ class VocabHeads(nn.Module):
         return logits if bias is None else logits + bias
 
 
-def check_batch(batch: dict[str, torch.Tensor], features: dict[str, Any], needs_logits: bool) -> torch.Tensor:
-    """The last hidden state ``[B, T, H]`` after checking that batch and features fit the loss contract."""
+def check_batch(
+    batch: dict[str, torch.Tensor], features: dict[str, Any], config: MultiHeadConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The last hidden state ``[B, T, H]`` and, for ``loss_type`` "kl", the target's logits ``[B, T, V]`` (else
+    None), after checking that batch and features fit the loss contract."""
     missing = [key for key in ("input_ids", "attention_mask", "loss_mask") if key not in batch]
     if missing:
         raise DraftsmithError(f"the training batch lacks {', '.join(missing)}: the data collator must provide them")
@@ -178,9 +185,11 @@ def check_batch(batch: dict[str, torch.Tensor], features: dict[str, Any], needs_
     shape = tuple(batch["input_ids"].shape)
     if hidden.dim() != 3 or tuple(hidden.shape[:2]) != shape:
         raise DraftsmithError(f"hidden[-1] is {tuple(hidden.shape)} but input_ids is {shape}: they must align")
-    if needs_logits and "logits" not in features:
+    if not config.target_needs().logits:
+        return hidden, None
+    if "logits" not in features:
         raise DraftsmithError("loss_type=kl needs the target's logits in the features: enable them or use loss_type=ce")
-    return hidden
+    return hidden, features["logits"]
 
 
 def multi_head_loss(

@@ -112,7 +112,7 @@ class MedusaDrafter(TreeMixin, Drafter):
         self.heads = VocabHeads(c.num_heads, c.hidden_size, c.num_layers, c.vocab_size or 0, c.share_lm_head)
 
     def target_needs(self) -> TargetNeeds:
-        return TargetNeeds(hidden_layers=(-1,), logits=self.config.loss_type == "kl")
+        return self.config.target_needs()
 
     def bind(self, target: nn.Module) -> None:
         weight = borrow_lm_head(self.borrowed, target)
@@ -134,14 +134,13 @@ class MedusaDrafter(TreeMixin, Drafter):
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
         lm_head, bias = self._lm_head()
-        kl = self.config.loss_type == "kl"
-        hidden = check_batch(batch, features, needs_logits=kl).to(lm_head.dtype)
+        hidden, target_logits = check_batch(batch, features, self.config)
+        hidden = hidden.to(lm_head.dtype)
 
         def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return self.heads.head_logits(k - 1, hidden[rows, positions], lm_head, bias)
 
         c = self.config
-        target_logits = features["logits"] if kl else None
         return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
 
     # -- decoding ------------------------------------------------------------------------------
