@@ -80,6 +80,15 @@ def test_target_is_frozen_out_of_the_optimizer_and_the_checkpoint(tmp_path):
     assert checkpoint["state_dict"] and all(k.startswith("drafter.") for k in checkpoint["state_dict"])
 
 
+@pytest.mark.parametrize("kind", ["medusa", "amphista"])
+def test_train_mode_reaches_the_drafter_and_never_the_target(kind):
+    # the pipeline silences Lightning's "modules in eval mode" warning: only the frozen target may be in eval mode
+    target = tiny_target()
+    module = DrafterModule(tiny_drafter(target, kind), target.model, settings()).train()
+    in_eval = {name for name, m in module.named_modules() if not m.training}
+    assert in_eval == {name for name, _ in module.named_modules() if name.startswith("target")}
+
+
 def test_validation_measures_accuracy_and_sets_the_tree(tmp_path):
     module = tiny_fit(tmp_path, settings(max_epochs=4, lr=3e-2), drafter_fields={"share_lm_head": False})
     measured = module.val_rank_accuracy

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -198,7 +200,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         ],
     )
     device = target.device
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    with warnings.catch_warnings():
+        # the frozen target stays in eval mode on purpose (no dropout in the features the drafter learns from)
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     module.to(device)  # Lightning's teardown moves the module to the CPU; the final eval runs where training did
     if not trainer.is_global_zero:
         return None
