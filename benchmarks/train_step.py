@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from drafters.base import drafter_class
 from drafters.errors import DraftsmithError, one_line_errors
 from training.datamodule import DistillDataModule
-from training.module import DrafterModule
+from training.module import DrafterModule, frozen_target_expected
 from training.pipeline import REPO_ROOT, drafter_config
 from training.settings import TrainSettings
 from training.strategies import trainer_arguments
@@ -152,7 +152,8 @@ def main(argv: list[str]) -> None:
     module = DrafterModule(drafter, target, settings)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, datamodule=data)
+    with frozen_target_expected():
+        trainer.fit(module, datamodule=data)
     rate = clock.tokens / max(clock.seconds, 1e-9)
     trainable = sum(p.numel() for p in drafter.parameters() if p.requires_grad)
     zero = f" ZeRO-{settings.zero_stage}" if settings.strategy == "deepspeed" else ""

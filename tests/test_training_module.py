@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
 
 from data.features import FeatureCache, cache_folder, write_feature_cache
@@ -15,7 +17,7 @@ from drafters.errors import DraftsmithError
 from eval.metrics import chain_tau
 from training.datamodule import DistillDataModule
 from training.features import CachedFeatures, OnlineFeatures
-from training.module import DrafterModule
+from training.module import DrafterModule, frozen_target_expected
 
 
 def test_chain_tau_formula():
@@ -82,11 +84,22 @@ def test_target_is_frozen_out_of_the_optimizer_and_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("kind", ["medusa", "amphista"])
 def test_train_mode_reaches_the_drafter_and_never_the_target(kind):
-    # the pipeline silences Lightning's "modules in eval mode" warning: only the frozen target may be in eval mode
+    # frozen_target_expected silences Lightning's "modules in eval mode" warning: only the target may be in eval mode
     target = tiny_target()
     module = DrafterModule(tiny_drafter(target, kind), target.model, settings()).train()
     in_eval = {name for name, m in module.named_modules() if not m.training}
     assert in_eval == {name for name, _ in module.named_modules() if name.startswith("target")}
+
+
+def test_frozen_target_expected_silences_only_the_eval_mode_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with frozen_target_expected():
+            warnings.warn(
+                "Found 397 module(s) in eval mode at the start of training.", PossibleUserWarning, stacklevel=1
+            )
+            warnings.warn("The dataloader does not have many workers.", PossibleUserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["The dataloader does not have many workers."]
 
 
 def test_validation_measures_accuracy_and_sets_the_tree(tmp_path):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from drafters.base import Drafter
@@ -35,6 +39,15 @@ def warmup_cosine(step: int, *, warmup: int, total: int, start: int = 0) -> floa
         return step / max(warmup, 1)
     progress = (step - warmup) / max(total - warmup, 1)
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@contextlib.contextmanager
+def frozen_target_expected() -> Iterator[None]:
+    """Around ``trainer.fit`` of a DrafterModule: Lightning warns about modules in eval mode at the start of
+    training, and the frozen target is in eval mode on purpose (no dropout in the features the drafter learns from)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+        yield
 
 
 class DrafterModule(L.LightningModule):

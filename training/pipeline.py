@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import shutil
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +21,7 @@ from training.datamodule import DistillDataModule
 from training.export import Exporter
 from training.features import CachedFeatures, FeatureSource, OnlineFeatures
 from training.lora import adapts_target, check_online
-from training.module import DrafterModule
+from training.module import DrafterModule, frozen_target_expected
 from training.report import print_acceptance
 from training.settings import TrainSettings
 from training.strategies import trainer_arguments
@@ -200,9 +198,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         ],
     )
     device = target.device
-    with warnings.catch_warnings():
-        # the frozen target stays in eval mode on purpose (no dropout in the features the drafter learns from)
-        warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode", PossibleUserWarning)
+    with frozen_target_expected():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     module.to(device)  # Lightning's teardown moves the module to the CPU; the final eval runs where training did
     if not trainer.is_global_zero:
