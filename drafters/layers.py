@@ -30,7 +30,6 @@ class MultiHeadConfig(DrafterConfig):
     tree_nodes: int = 63
     tree_topk: int = 10
     rank_acc: list[list[float]] | None = None
-    path_acc: list[list[Any]] | None = None
     hidden_size: int | None = None
     vocab_size: int | None = None
 
@@ -41,8 +40,6 @@ class MultiHeadConfig(DrafterConfig):
             self.tree = [[int(r) for r in path] for path in self.tree]
         if self.rank_acc is not None:
             self.rank_acc = [[float(v) for v in row] for row in self.rank_acc]
-        if self.path_acc is not None:
-            self.path_acc = [[[int(r) for r in path], float(p)] for path, p in self.path_acc]
 
     def target_needs(self) -> TargetNeeds:
         """The target's last hidden state, and its logits for the KL loss."""
@@ -55,10 +52,6 @@ class MultiHeadConfig(DrafterConfig):
             if wanted is not None and wanted != have:
                 raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
             setattr(self, name, have)
-
-
-# Joint rank counts are kept only while the table is at most this long (10 ranks: up to 5 heads).
-MAX_PATH_CODES = 2**18
 
 
 class ResidualBlock(nn.Module):
@@ -214,16 +207,12 @@ def multi_head_loss(
     ``head_logits(k, b, t)`` gives head k's logits ``[N, V]`` at batch rows b and positions t.
     L_k is cross-entropy on the label tokens, or, with ``target_logits [B, T, V]``, KL(target || head)
     where the target's distribution for token t+k+1 comes from its logits at position t+k.
-    Also returns ``acc [K]`` (top-1), ``topk_hits [K, R]`` (label found at rank r), ``n [K]`` and, where the
-    table stays small (``(R + 1) ** K <= MAX_PATH_CODES``), ``path_hits``: `rank_path_histogram` over the
-    positions head 1 counts.
+    Also returns ``acc [K]`` (top-1), ``topk_hits [K, R]`` (label found at rank r) and ``n [K]``.
     """
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"].bool()
     inside = batch["attention_mask"].bool()
     seq_len = input_ids.shape[1]
     terms, hits, counts = [], [], []
-    label_ranks = input_ids.new_full((*input_ids.shape, num_heads), topk)  # topk = not in the head's top-k
-    head1_counted = None
     for k in range(1, num_heads + 1):
         offset = k + 1
         span = max(seq_len - offset, 0)
@@ -241,27 +230,8 @@ def multi_head_loss(
         terms.append(decay ** (k - 1) * term)
         ranks = min(topk, logits.shape[-1])
         top = logits.detach().topk(ranks, dim=-1).indices
-        found = top == labels[:, None]
-        hits.append(F.pad(found.sum(0).float(), (0, topk - ranks)))
+        hit = (top == labels[:, None]).sum(0).float()
+        hits.append(F.pad(hit, (0, topk - ranks)))
         counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
-        label_ranks[rows, positions, k - 1] = torch.where(found.any(-1), found.int().argmax(-1), topk)
-        if k == 1:
-            head1_counted = counted
     topk_hits, n = torch.stack(hits), torch.stack(counts)
-    out = {"loss": torch.stack(terms).sum(), "acc": topk_hits[:, 0] / n.clamp_min(1), "topk_hits": topk_hits, "n": n}
-    if (topk + 1) ** num_heads <= MAX_PATH_CODES and head1_counted is not None:
-        out["path_hits"] = rank_path_histogram(label_ranks[:, : head1_counted.shape[1]][head1_counted], topk)
-    return out
-
-
-def rank_path_histogram(label_ranks: torch.Tensor, topk: int) -> torch.Tensor:
-    """How often each combination of label ranks occurs: ``label_ranks [N, K]`` (rank of head k's label in its
-    top-k, ``topk`` = missed) -> counts ``[(topk + 1) ** K]``, head 1's rank the most significant digit.
-
-    The heads' hits are correlated (an easy position is easy for every head), so a tree built from these joint
-    counts (`drafters.trees.path_acc_from_counts`) beats one that multiplies per-head accuracies.
-    """
-    num_heads = label_ranks.shape[-1]
-    digits = (topk + 1) ** torch.arange(num_heads - 1, -1, -1, device=label_ranks.device)
-    codes = (label_ranks.long() * digits).sum(-1)
-    return torch.bincount(codes, minlength=(topk + 1) ** num_heads).float()
+    return {"loss": torch.stack(terms).sum(), "acc": topk_hits[:, 0] / n.clamp_min(1), "topk_hits": topk_hits, "n": n}

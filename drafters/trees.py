@@ -12,14 +12,6 @@ expected number of accepted tokens. Starting from the root, repeatedly add the h
 parent is already in the tree, until the tree has ``n_nodes`` nodes. Since every ``rank_acc <= 1``, a
 child is never worth more than its parent, so this is the best tree of that size under the model that
 heads are independent.
-
-They are not: a position that is easy for head 1 tends to be easy for head 2 as well, so multiplying
-per-head accuracies undervalues deep paths. Validation therefore also counts whole rank paths
-(`path_acc_from_counts`): a node's measured value is the share of positions where every head on its path
-had the right token at that rank. A child is never counted more often than its parent, so the ``n`` most
-often accepted paths form a tree, and it is the tree of ``n`` nodes with the most accepted tokens on the
-validation data. `build_tree` uses those counts where they cover the size asked for, else the per-head
-model.
 """
 
 from __future__ import annotations
@@ -64,45 +56,16 @@ def rank_acc_from_counts(topk_hits: torch.Tensor, n: torch.Tensor) -> list[list[
     return (hits / counts[:, None]).tolist()
 
 
-def path_acc_from_counts(path_hits: torch.Tensor, num_heads: int, topk: int, keep: int = 512) -> list[list[Any]]:
-    """The ``keep`` most often accepted rank paths, as ``[[r1, ..., rd], p]`` pairs, most probable first.
-
-    ``path_hits`` is `drafters.layers.rank_path_histogram` summed over a validation set: how many positions had
-    each combination of the heads' label ranks (``topk`` = missed). A path ``(r1..rd)`` is accepted at a position
-    when heads 1..d had their labels at ranks r1..rd; ``p`` is the share of all counted positions where it was.
-    Ties go to the shorter path, then the smaller one, so a path always comes after its parent.
-    """
-    table = path_hits.detach().double().cpu().reshape([topk + 1] * num_heads)
-    total = float(table.sum())
-    if total == 0:
-        return []
-    found: list[tuple[float, Path]] = []
-    for depth in range(1, num_heads + 1):
-        prefix = table[(slice(0, topk),) * depth]
-        if depth < num_heads:  # sum(dim=()) would sum over every dim
-            prefix = prefix.sum(dim=tuple(range(depth, num_heads)))
-        for index in prefix.nonzero().tolist():
-            found.append((float(prefix[tuple(index)]), tuple(index)))
-    found.sort(key=lambda item: (-item[0], len(item[1]), item[1]))
-    return [[list(path), count / total] for count, path in found[:keep]]
-
-
 def max_tree_nodes(num_heads: int, topk: int) -> int:
     """Nodes of the complete tree: ``topk + topk**2 + ... + topk**num_heads``."""
     return sum(topk**d for d in range(1, num_heads + 1))
 
 
-def build_tree(
-    rank_acc: Sequence[Sequence[float]], n_nodes: int, path_acc: Sequence[Sequence[Any]] | None = None
-) -> list[Path]:
-    """The tree of ``n_nodes`` nodes with the most expected accepted tokens (see module docstring), sorted by
-    depth, then path: the ``n_nodes`` first paths of ``path_acc`` where it lists that many, else the greedy
-    Medusa tree from ``rank_acc``.
+def build_tree(rank_acc: Sequence[Sequence[float]], n_nodes: int) -> list[Path]:
+    """The greedy Medusa tree of ``n_nodes`` nodes (see module docstring), sorted by depth, then path.
 
     Ties go to the lexicographically smaller path, so the result is deterministic.
     """
-    if path_acc and n_nodes <= len(path_acc):
-        return sorted((tuple(int(r) for r in path) for path, _ in path_acc[:n_nodes]), key=lambda p: (len(p), p))
     depth_max = len(rank_acc)
     topk = len(rank_acc[0]) if depth_max else 0
     if depth_max == 0 or topk == 0 or any(len(row) != topk for row in rank_acc):
@@ -188,9 +151,9 @@ def tree_draft(paths: Sequence[Sequence[int]] | CompiledTree, topk_tokens: torch
 
 
 class TreeMixin:
-    """The tree a multi-head drafter hangs its candidates in: ``config.tree`` if set, else the tree of
-    ``config.tree_nodes`` nodes built from ``config.path_acc`` / ``config.rank_acc`` (measured in training) or
-    the prior (`prior_rank_acc`)."""
+    """The tree a multi-head drafter hangs its candidates in: ``config.tree`` if set, else the greedy tree of
+    ``config.tree_nodes`` nodes built from ``config.rank_acc`` (measured in training) or the prior
+    (`prior_rank_acc`)."""
 
     config: Any
     _compiled_tree: CompiledTree | None = None
@@ -208,7 +171,7 @@ class TreeMixin:
         if self._compiled_tree is None:
             paths = self.config.tree
             if paths is None:
-                paths = build_tree(self._rank_acc(), self.config.tree_nodes, self.config.path_acc)
+                paths = build_tree(self._rank_acc(), self.config.tree_nodes)
             self._compiled_tree = self._checked_tree(paths)
         return self._compiled_tree
 
@@ -228,14 +191,10 @@ class TreeMixin:
             return prior_rank_acc(self.config.num_heads, self.config.tree_topk)
         return [[min(max(float(v), 0.0), 1.0) for v in row] for row in measured]
 
-    def set_rank_accuracy(
-        self, rank_acc: Sequence[Sequence[float]], path_acc: Sequence[Sequence[Any]] | None = None
-    ) -> None:
-        """Keep measured per-head, per-rank accuracies and, if given, the measured path table (the export
-        carries both, so the tree can be rebuilt at another size later), and use the tree of
-        ``config.tree_nodes`` nodes built from them."""
+    def set_rank_accuracy(self, rank_acc: Sequence[Sequence[float]]) -> None:
+        """Keep measured per-head, per-rank accuracies (the export carries them, so the tree can be rebuilt at
+        another size later) and use the greedy tree of ``config.tree_nodes`` nodes built from them."""
         self.config.rank_acc = [[float(v) for v in row] for row in rank_acc]
-        self.config.path_acc = [[[int(r) for r in path], float(p)] for path, p in path_acc] if path_acc else None
         self.resize_tree(self.config.tree_nodes)
 
     def resize_tree(self, n_nodes: int) -> None:
@@ -247,5 +206,4 @@ class TreeMixin:
         rank_acc = self._rank_acc()
         if n_nodes < 1:
             raise DraftsmithError(f"tree_nodes={n_nodes}: a tree needs at least one node")
-        n_nodes = min(n_nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0])))
-        self.set_tree(build_tree(rank_acc, n_nodes, self.config.path_acc))
+        self.set_tree(build_tree(rank_acc, min(n_nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0])))))

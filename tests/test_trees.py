@@ -11,13 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drafters.errors import DraftsmithError
-from drafters.layers import rank_path_histogram
 from drafters.trees import (
     MEDUSA_VICUNA7B_TOP1,
     build_tree,
     compile_tree,
     max_tree_nodes,
-    path_acc_from_counts,
     prior_rank_acc,
     rank_acc_from_counts,
     tree_draft,
@@ -111,41 +109,3 @@ def test_prior_follows_the_paper_accuracies_and_a_geometric_rank_decay() -> None
 def test_rank_acc_from_counts() -> None:
     hits = torch.tensor([[3.0, 1.0], [0.0, 0.0]])
     assert rank_acc_from_counts(hits, torch.tensor([4.0, 0.0])) == [[0.75, 0.25], [0.0, 0.0]]
-
-
-def histogram(rows: list[tuple[int, ...]], topk: int) -> torch.Tensor:
-    return rank_path_histogram(torch.tensor(rows), topk)
-
-
-def test_path_acc_counts_whole_paths_on_hand_example() -> None:
-    # two heads, top-2 (rank 2 = missed); head 2 is right exactly where head 1 is
-    rows = [(0, 0), (0, 0), (0, 0), (1, 2), (1, 2), (2, 1), (2, 2), (2, 2)]
-    paths = path_acc_from_counts(histogram(rows, 2), num_heads=2, topk=2)
-    assert paths == [[[0], 3 / 8], [[0, 0], 3 / 8], [[1], 2 / 8]]
-    # per-head accuracies alone would rank (1,) above (0, 0): 2/8 against 3/8 * 4/8
-    rank_acc = [[3 / 8, 2 / 8], [3 / 8, 1 / 8]]
-    assert build_tree(rank_acc, 2) == [(0,), (1,)]
-    assert build_tree(rank_acc, 2, paths) == [(0,), (0, 0)]
-    assert build_tree(rank_acc, 4, paths) == build_tree(rank_acc, 4)  # more nodes than measured paths: per-head model
-    assert path_acc_from_counts(torch.zeros(9), num_heads=2, topk=2) == []
-
-
-@settings(max_examples=40, deadline=None)
-@given(data=st.data())
-def test_measured_tree_holds_the_most_accepted_tokens(data) -> None:
-    heads, topk = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
-    rows = data.draw(st.lists(st.tuples(*[st.integers(0, topk)] * heads), min_size=1, max_size=40))
-    paths = path_acc_from_counts(histogram(rows, topk), heads, topk)
-
-    def accepted(tree: list[tuple[int, ...]]) -> int:  # tokens the tree gets accepted over all rows
-        return sum(1 for row in rows for p in tree if row[: len(p)] == p)
-
-    every_node = [p for d in range(1, heads + 1) for p in itertools.product(range(topk), repeat=d)]
-    n_nodes = data.draw(st.integers(1, len(every_node)))
-    rank_acc = [[sum(row[d] == r for row in rows) / len(rows) for r in range(topk)] for d in range(heads)]
-    tree = build_tree(rank_acc, n_nodes, paths)
-    assert len(tree) == len(set(tree)) == n_nodes
-    assert all(len(p) == 1 or p[:-1] in tree for p in tree)
-    if n_nodes <= len(paths):
-        best = sorted((accepted([p]) for p in every_node), reverse=True)[:n_nodes]
-        assert accepted(tree) == sum(best) >= accepted(build_tree(rank_acc, n_nodes))

@@ -17,7 +17,7 @@ from torch import nn
 
 from drafters.base import Drafter
 from drafters.errors import DraftsmithError
-from drafters.trees import path_acc_from_counts, rank_acc_from_counts
+from drafters.trees import rank_acc_from_counts
 from eval.metrics import chain_tau
 from training import lora
 from training.datamodule import DistillDataModule
@@ -26,7 +26,7 @@ from training.rng import capture_rng, restore_rng
 from training.settings import TrainSettings
 
 TARGET_PREFIX = "target."
-TREE_FIELDS = ("tree", "tree_nodes", "rank_acc", "path_acc")
+TREE_FIELDS = ("tree", "tree_nodes", "rank_acc")
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, start: int = 0) -> float:
@@ -58,9 +58,9 @@ class DrafterModule(L.LightningModule):
     with the drafter and kept in checkpoints; its base weights stay frozen and out of checkpoints, and the loss
     adds ``distill_weight`` times the self-distillation KL to the original target.
 
-    Validation sums the drafter's ``topk_hits``/``n`` (and ``path_hits``) over the whole held-out split (across
-    processes too), logs exact per-position accuracies and, for drafters that decode with a tree, rebuilds
-    their tree from the measured rank paths and per-rank accuracies.
+    Validation sums the drafter's ``topk_hits``/``n`` over the whole held-out split (across processes too),
+    logs exact per-position accuracies and, for drafters that decode with a tree, rebuilds their tree from
+    the measured per-rank accuracies.
     """
 
     def __init__(
@@ -188,8 +188,6 @@ class DrafterModule(L.LightningModule):
             "loss": out["loss"].detach().double() * weight,
             "loss_weight": weight,
         }
-        if "path_hits" in out:
-            sums["path_hits"] = out["path_hits"].detach().double()
         for key, value in sums.items():
             self._val_sums[key] = self._val_sums.get(key, 0) + value
 
@@ -214,11 +212,7 @@ class DrafterModule(L.LightningModule):
         self.log("val/tau_est", chain_tau(top1.tolist()), prog_bar=True, sync_dist=True)
         self.val_rank_accuracy = per_rank.float().cpu()
         if not self.trainer.sanity_checking and hasattr(self.drafter, "set_rank_accuracy"):
-            paths = None
-            if "path_hits" in totals:
-                num_heads, topk = per_rank.shape
-                paths = path_acc_from_counts(totals["path_hits"], num_heads, topk)
-            self.drafter.set_rank_accuracy(per_rank.tolist(), paths)
+            self.drafter.set_rank_accuracy(per_rank.tolist())
 
     # -- checkpoints: drafter (and target adapters) only, plus what an exact resume needs ------
 
@@ -248,7 +242,6 @@ class DrafterModule(L.LightningModule):
             )
         if saved.get("tree") is not None and hasattr(self.drafter, "set_tree"):
             self.drafter.config.rank_acc = saved.get("rank_acc")
-            self.drafter.config.path_acc = saved.get("path_acc")
             self.drafter.set_tree(saved["tree"])
         # the frozen target was left out on save; hand back its live weights so strict loading still checks the rest
         for key, value in self.target.state_dict().items():
