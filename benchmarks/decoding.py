@@ -14,15 +14,15 @@ import statistics
 import time
 
 import torch
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.ngram import NgramDrafter
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.drafters.target import load_target
+from draftsmith.eval.engine import Generation, SpeculativeDecoder
+from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
+from draftsmith.eval.runner import evaluate
 from rich.console import Console
 from rich.table import Table
-
-from drafters.target import load_target
-from eval.engine import Generation, SpeculativeDecoder
-from eval.ngram_drafter import NgramDrafter
-from eval.plain_drafter import PlainDrafter
-from eval.questions import DEFAULT_QUESTIONS, load_questions, prompt_ids
-from eval.runner import evaluate
 
 
 def engine_vs_generate(
@@ -87,7 +87,8 @@ def main() -> None:
     target = load_target("smollm2-135m-instruct")
     questions = load_questions(DEFAULT_QUESTIONS)
     general = [q for q in questions if q.category in ("writing", "qa")][: args.prompts]
-    prompts = [prompt_ids(target.tokenizer, [{"role": "user", "content": q.turns[0]}]) for q in general]
+    template = ChatTemplate(target.tokenizer)
+    prompts = [template.first_prompt(q.turns[0]) for q in general]
 
     console.print("(a)+(b) plain decoding: engine vs transformers generate(static cache), interleaved")
     engine_tps, generate_tps, median_ratio, plain_gens = engine_vs_generate(

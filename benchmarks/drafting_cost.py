@@ -15,11 +15,10 @@ import time
 from collections.abc import Callable
 
 import torch
-
-from drafters.amphista import AmphistaConfig, AmphistaDrafter
-from drafters.base import DecodeState
-from drafters.medusa import MedusaConfig, MedusaDrafter
-from drafters.target import load_target
+from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
+from draftsmith.drafters.base import DecodeState
+from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
+from draftsmith.drafters.target import load_target
 
 
 def timed(action: Callable[[], object]) -> float:

@@ -13,7 +13,7 @@ import time
 def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["DRAFTSMITH_CACHE"] = cache  # read by drafters.target.cache_root at every load
-        from drafters.target import load_target
+        from draftsmith.drafters.target import load_target
 
         times = []
         for _ in range(2):

@@ -21,17 +21,16 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
+from draftsmith.drafters.base import drafter_class
+from draftsmith.drafters.errors import DraftsmithError, one_line_errors
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.module import DrafterModule, frozen_target_expected
+from draftsmith.training.pipeline import REPO_ROOT, drafter_config
+from draftsmith.training.settings import TrainSettings
+from draftsmith.training.strategies import trainer_arguments
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
-
-from drafters.base import drafter_class
-from drafters.errors import DraftsmithError, one_line_errors
-from training.datamodule import DistillDataModule
-from training.module import DrafterModule, frozen_target_expected
-from training.pipeline import REPO_ROOT, drafter_config
-from training.settings import TrainSettings
-from training.strategies import trainer_arguments
 
 # (hidden, layers, attention heads, key/value heads, MLP width, vocabulary): the targets' config.json values
 SHAPES = {

@@ -1,34 +1,3 @@
-"""`python -m data recipe=NAME key=value ...`: build (or continue, or reuse) a recipe's distillation data."""
+from draftsmith.data.cli import main
 
-from __future__ import annotations
-
-import hydra
-from omegaconf import DictConfig
-
-from data.build import build_distilled
-from data.store import read_manifest
-from drafters.errors import one_line_errors
-from drafters.target import load_target
-
-
-def run(cfg: DictConfig) -> None:
-    target = load_target(cfg.target)
-    folder = build_distilled(cfg.data, target)
-    manifest = read_manifest(folder)
-    print(
-        f"rows {manifest['rows']}  tokens {manifest['tokens']}  target-written tokens {manifest['target_tokens']}  "
-        f"folder {folder}"
-    )
-    unseen = cfg.data.unseen
-    if unseen.out:
-        print(f"unseen questions: {unseen.count} synthesized prompts the data leaves out -> {unseen.out}")
-
-
-@hydra.main(version_base=None, config_path="../recipes", config_name="config")
-def main(cfg: DictConfig) -> None:
-    with one_line_errors():
-        run(cfg)
-
-
-if __name__ == "__main__":
-    main()
+main()

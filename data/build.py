@@ -14,16 +14,15 @@ from typing import Any
 
 import datasets
 import torch
+from draftsmith.data.config import DataConfig
+from draftsmith.data.prompts import Conversation, load_prompts, prompts_hash
+from draftsmith.data.regenerate import regenerate
+from draftsmith.data.store import FORMAT, FORMAT_VERSION, ShardStore, check_same_run, shard_entry, summarize
+from draftsmith.data.synth import synthesize_prompts, write_unseen_questions
+from draftsmith.drafters.base import TargetNeeds
+from draftsmith.drafters.chat import resolve_template
+from draftsmith.drafters.target import Target, cache_root
 from tqdm import tqdm
-
-from data.chat import resolve_template
-from data.config import DataConfig
-from data.prompts import Conversation, load_prompts, prompts_hash
-from data.regenerate import regenerate
-from data.store import FORMAT, FORMAT_VERSION, ShardStore, check_same_run, shard_entry, summarize
-from data.synth import synthesize_prompts, write_unseen_questions
-from drafters.base import TargetNeeds
-from drafters.target import Target, cache_root
 
 
 def resolve_prompts(cfg: DataConfig, target: Target) -> list[Conversation]:
@@ -127,7 +126,7 @@ def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) ->
             manifest.update(summarize(manifest), complete=True)
             store.write_manifest(manifest)
     if cfg.features.enabled:
-        from data.features import write_feature_cache
+        from draftsmith.data.features import write_feature_cache
 
         write_feature_cache(folder, target, TargetNeeds(hidden_layers=cfg.features.layers), cfg.features.topk)
     return folder

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from drafters.errors import DraftsmithError
+from draftsmith.drafters.errors import DraftsmithError
 
 CACHE_IMPLEMENTATIONS = ("static", "dynamic")
 

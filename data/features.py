@@ -16,14 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from draftsmith.data.store import load_distilled, read_manifest
+from draftsmith.drafters.base import TargetNeeds
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
-
-from data.store import load_distilled, read_manifest
-from drafters.base import TargetNeeds
-from drafters.errors import DraftsmithError
-from drafters.target import Target
 
 FEATURES_MANIFEST = "features.json"
 CACHE_BATCH_ROWS = 8

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from data.chat import ChatTemplate
-from data.config import DataConfig
-from data.prompts import Conversation
-from drafters.target import Target
+from draftsmith.data.config import DataConfig
+from draftsmith.data.prompts import Conversation
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.target import Target
 
 
 @dataclass

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-
-from drafters.errors import DraftsmithError
+from draftsmith.drafters.errors import DraftsmithError
 
 FORMAT = "draftsmith-data"
 FORMAT_VERSION = 1

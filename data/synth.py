@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from draftsmith.data.config import DataConfig, SynthConfig
+from draftsmith.data.prompts import Conversation
+from draftsmith.drafters.chat import SENTINEL, ChatTemplate
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target, cache_root
 from tqdm import tqdm
-
-from data.chat import SENTINEL, ChatTemplate
-from data.config import DataConfig, SynthConfig
-from data.prompts import Conversation
-from drafters.errors import DraftsmithError
-from drafters.target import Target, cache_root
 
 MIN_CHARS = 12
 MIN_LETTERS = 6

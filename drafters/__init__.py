@@ -1,12 +1,18 @@
-"""The models: the Drafter interface, the trained drafter kinds, the target loader.
+"""The models: the Drafter interface, every drafter kind (trained and training-free), the target loader.
 
-Importing the package registers every trained kind, so `Drafter.from_pretrained` can load any export.
+Importing the package imports every module in it, and each kind registers itself on import, so
+`drafter_class(kind)` and `Drafter.from_pretrained` know every kind without a hand-written list.
 """
 
-from drafters import amphista, medusa  # noqa: F401 - importing a kind registers it
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, TargetNeeds, drafter_class, register
-from drafters.errors import DraftsmithError
-from drafters.target import Target, TargetIdentity, load_target
+import importlib
+import pkgutil
+
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, LossOutput, TargetNeeds, drafter_class
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target, TargetIdentity, load_target
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "DecodeState",
@@ -14,10 +20,10 @@ __all__ = [
     "Drafter",
     "DrafterConfig",
     "DraftsmithError",
+    "LossOutput",
     "Target",
     "TargetIdentity",
     "TargetNeeds",
     "drafter_class",
     "load_target",
-    "register",
 ]

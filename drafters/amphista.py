@@ -35,16 +35,14 @@ Choices the paper leaves open (config field, default):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from draftsmith.drafters.base import DecodeState, register
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.multihead import MultiHeadConfig, MultiHeadDrafter, VocabHeads
 from torch import nn
-
-from drafters.base import DecodeState, Draft, Drafter, TargetNeeds, register
-from drafters.errors import DraftsmithError
-from drafters.layers import Borrowed, MultiHeadConfig, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
-from drafters.trees import TreeMixin, tree_draft
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -118,20 +116,15 @@ class CausalLayer(nn.Module):
 
 
 @register
-class AmphistaDrafter(TreeMixin, Drafter):
+class AmphistaDrafter(MultiHeadDrafter):
     config_class = AmphistaConfig
     config: AmphistaConfig
 
     def __init__(self, config: AmphistaConfig) -> None:
-        super().__init__(config)
-        self.borrowed = Borrowed()
         self.groups = config.head_groups()
         self._cache: list[KeyValue] = []
         self._cached_positions = 0
-        self.built = False
-        if config.hidden_size is not None and (config.share_lm_head or config.vocab_size is not None):
-            self._build()
-        self.draft_tree()
+        super().__init__(config)
 
     def _build(self) -> None:
         c = self.config
@@ -174,32 +167,19 @@ class AmphistaDrafter(TreeMixin, Drafter):
             if linear.bias is not None:
                 linear.bias.zero_()
 
-    def target_needs(self) -> TargetNeeds:
-        return self.config.target_needs()
-
-    def bind(self, target: nn.Module) -> None:
-        weight = borrow_lm_head(self.borrowed, target)
+    def borrow(self, target: nn.Module) -> None:
         embeddings = target.get_input_embeddings()
-        vocab, hidden = weight.shape
+        hidden = target.get_output_embeddings().weight.shape[1]
         if embeddings.weight.shape[1] != hidden:
             raise DraftsmithError(
                 f"amphista needs embeddings as wide as the hidden state; {type(target).__name__} differs"
             )
         self.borrowed.set("embeddings", embeddings)
-        self.config.adopt_target_sizes(vocab, hidden)
-        if not self.built:
-            self._build()
-            self.to(weight.device)
-        self.heads.init_copies(weight)
 
-    def _borrowed(self, name: str) -> torch.Tensor:
+    def _embeddings(self) -> torch.Tensor:
         if not self.built:
-            raise DraftsmithError("the Amphista drafter is not built yet: call drafter.bind(target_model) first")
-        return self.borrowed.get(name, self.fuse.weight.device, self.fuse.weight.dtype)
-
-    def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        bias = self._borrowed("lm_head_bias") if "lm_head_bias" in self.borrowed else None
-        return self._borrowed("lm_head"), bias
+            raise DraftsmithError("the amphista drafter is not built yet: call drafter.bind(target_model) first")
+        return self.borrowed.get("embeddings", self.fuse.weight.device, self.fuse.weight.dtype)
 
     def slot_inputs(self, stages: list[torch.Tensor]) -> torch.Tensor:
         """Slot k = the output of head k's stage + position embedding k: ``[..., D]`` each -> ``[..., K, D]``."""
@@ -224,11 +204,10 @@ class AmphistaDrafter(TreeMixin, Drafter):
 
     # -- training ------------------------------------------------------------------------------
 
-    def head_features(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def head_inputs(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Every head's input ``[B, T-1, K, H]`` for positions 0..T-2 (position T-1 has no next token)."""
-        embeddings = self._borrowed("embeddings")
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        embeddings = self._embeddings()
         x = self.fuse(torch.cat([hidden[:, :-1], F.embedding(input_ids[:, 1:], embeddings)], dim=-1))
         inside = attention_mask[:, :-1].bool()
         positions = (inside.long().cumsum(1) - 1).clamp_min(0)
@@ -238,18 +217,6 @@ class AmphistaDrafter(TreeMixin, Drafter):
         mask = (causal & inside[:, None, :]) | torch.eye(length, dtype=torch.bool, device=x.device)
         return self.auto_embed(self.slot_inputs(self._stages(x, positions, mask[:, None], cache=False)))
 
-    def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
-        lm_head, bias = self._lm_head()
-        hidden, target_logits = check_batch(batch, features, self.config)
-        hidden = hidden.to(lm_head.dtype)
-        slots = self.head_features(hidden, batch["input_ids"], batch["attention_mask"])
-
-        def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self.heads.head_logits(k - 1, slots[rows, positions, k - 1], lm_head, bias)
-
-        c = self.config
-        return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
-
     # -- decoding ------------------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -257,8 +224,8 @@ class AmphistaDrafter(TreeMixin, Drafter):
         self._cached_positions = 0
 
     @torch.no_grad()
-    def draft_logits(self, state: DecodeState) -> torch.Tensor:
-        """Every head's logits ``[K, V]`` at the position that produced the root token.
+    def root_head_inputs(self, state: DecodeState) -> torch.Tensor:
+        """Every head's input ``[K, H]`` at the position that produced the root token.
 
         Runs the adaptation layers only over positions not yet in this drafter's cache (at least the last
         one, so a repeated call is consistent), then the slots and heads at the last position only.
@@ -270,20 +237,11 @@ class AmphistaDrafter(TreeMixin, Drafter):
             self._cache = [None] * len(self.layers)
         else:  # positions from `start` on are recomputed: drop what the cache holds for them
             self._cache = [(keys[:, :, :start], values[:, :, :start]) for keys, values in self._cache]
-        lm_head, bias = self._lm_head()
-        embeddings = self._borrowed("embeddings")
+        embeddings = self._embeddings()
         new_tokens = state.tokens[start + 1 : count + 1].to(embeddings.device)
-        x = self.fuse(torch.cat([hidden[start:count].to(lm_head), F.embedding(new_tokens, embeddings)], dim=-1))
+        x = self.fuse(torch.cat([hidden[start:count].to(embeddings), F.embedding(new_tokens, embeddings)], dim=-1))
         positions = torch.arange(start, count, device=x.device)
         mask = positions[:, None] >= torch.arange(count, device=x.device)[None, :]
         stages = self._stages(x[None], positions[None], mask[None, None], cache=True)
         self._cached_positions = count
-        slots = self.auto_embed(self.slot_inputs([stage[0, -1] for stage in stages]))
-        return self.heads.all_logits(slots, lm_head, bias)
-
-    def propose(self, state: DecodeState) -> Draft:
-        if state.hidden[-1].shape[0] == 0:
-            return Draft.empty()
-        tree = self.draft_tree()
-        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
-        return tree_draft(tree, topk_tokens.cpu())  # the evaluator keeps its token buffer on the CPU
+        return self.auto_embed(self.slot_inputs([stage[0, -1] for stage in stages]))

@@ -4,7 +4,7 @@ Head k (1-based) reads h_t, the target's last hidden state (after its final norm
 guesses token t+k+1; the target's own head gives t+1. A head is ``num_layers`` residual blocks
 ``x + SiLU(W x + b)`` (zero-initialised: a fresh head is the identity) followed by a vocabulary projection.
 Decoding takes each head's top-``tree_topk`` tokens at the root's position and hangs them in a sparse tree
-(`drafters.trees`), verified by the target in one forward.
+(`drafters.rank_trees`), verified by the target in one forward.
 
 Choices the paper leaves open (config field, default):
 - ``num_heads`` = 4 (the paper uses 4 to 5); ``num_layers`` = 1 residual block per head.
@@ -42,15 +42,12 @@ from the target) before training or decoding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
-from torch import nn
-
-from drafters.base import DecodeState, Draft, Drafter, TargetNeeds, register
-from drafters.errors import DraftsmithError
-from drafters.layers import Borrowed, MultiHeadConfig, VocabHeads, borrow_lm_head, check_batch, multi_head_loss
-from drafters.trees import TreeMixin, tree_draft
+from draftsmith.drafters.base import DecodeState, register
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.multihead import MultiHeadConfig, MultiHeadDrafter, VocabHeads
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BORROWED_MODULES = {"lm_head", "embed_tokens"}
@@ -95,66 +92,17 @@ class MedusaConfig(MultiHeadConfig):
 
 
 @register
-class MedusaDrafter(TreeMixin, Drafter):
+class MedusaDrafter(MultiHeadDrafter):
     config_class = MedusaConfig
     config: MedusaConfig
-
-    def __init__(self, config: MedusaConfig) -> None:
-        super().__init__(config)
-        self.borrowed = Borrowed()
-        self.heads: VocabHeads | None = None
-        if config.hidden_size is not None and (config.share_lm_head or config.vocab_size is not None):
-            self._build()
-        self.draft_tree()
 
     def _build(self) -> None:
         c = self.config
         self.heads = VocabHeads(c.num_heads, c.hidden_size, c.num_layers, c.vocab_size or 0, c.share_lm_head)
+        self.built = True
 
-    def target_needs(self) -> TargetNeeds:
-        return self.config.target_needs()
+    def head_inputs(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return hidden[:, :, None].expand(-1, -1, self.config.num_heads, -1)  # every head reads h_t
 
-    def bind(self, target: nn.Module) -> None:
-        weight = borrow_lm_head(self.borrowed, target)
-        vocab, hidden = weight.shape
-        self.config.adopt_target_sizes(vocab, hidden)
-        if self.heads is None:
-            self._build()
-            self.heads.to(weight.device)
-        self.heads.init_copies(weight)
-
-    def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        param = next(self.heads.parameters(), None) if self.heads is not None else None
-        if param is None:
-            raise DraftsmithError("the Medusa heads are not built yet: call drafter.bind(target_model) first")
-        bias = self.borrowed.get("lm_head_bias", param.device, param.dtype) if "lm_head_bias" in self.borrowed else None
-        return self.borrowed.get("lm_head", param.device, param.dtype), bias
-
-    # -- training ------------------------------------------------------------------------------
-
-    def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> dict[str, torch.Tensor]:
-        lm_head, bias = self._lm_head()
-        hidden, target_logits = check_batch(batch, features, self.config)
-        hidden = hidden.to(lm_head.dtype)
-
-        def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            return self.heads.head_logits(k - 1, hidden[rows, positions], lm_head, bias)
-
-        c = self.config
-        return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
-
-    # -- decoding ------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def draft_logits(self, state: DecodeState) -> torch.Tensor:
-        """Every head's logits ``[K, V]`` at the position that produced the root token."""
-        lm_head, bias = self._lm_head()
-        last = state.hidden[-1][-1].to(lm_head.dtype)
-        return self.heads.all_logits(last.expand(self.config.num_heads, -1), lm_head, bias)
-
-    def propose(self, state: DecodeState) -> Draft:
-        if state.hidden[-1].shape[0] == 0:
-            return Draft.empty()
-        tree = self.draft_tree()
-        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
-        return tree_draft(tree, topk_tokens.cpu())  # the evaluator keeps its token buffer on the CPU
+    def root_head_inputs(self, state: DecodeState) -> torch.Tensor:
+        return state.hidden[-1][-1].expand(self.config.num_heads, -1)

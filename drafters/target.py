@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from draftsmith.drafters.chat_templates import NAMED_TEMPLATES
+from draftsmith.drafters.errors import DraftsmithError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-from drafters.chat_templates import NAMED_TEMPLATES
-from drafters.errors import DraftsmithError
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "target"
 DEFAULT_TARGET = "smollm2-135m-instruct"

@@ -1,209 +1,57 @@
-"""Sparse candidate trees for multi-head drafters (Medusa, Amphista), built the Medusa-paper way.
-
-A multi-head drafter gives, for each head d (1-based: head d guesses the token d steps below the root),
-its top-R tokens. A tree node is a *path of ranks* ``(r1, ..., rd)``: take head 1's rank-r1 token, then
-head 2's rank-r2 token below it, and so on. Its token is head d's rank-rd candidate; its parent is the
-path without its last rank.
-
-Greedy construction (Medusa paper, "optimized tree"): with ``rank_acc[d][r]`` the measured probability
-that head d+1's rank-r candidate is the right token, a node's value is the product of ``rank_acc`` along
-its path: the probability that the whole path gets accepted, which is the node's contribution to the
-expected number of accepted tokens. Starting from the root, repeatedly add the highest-value node whose
-parent is already in the tree, until the tree has ``n_nodes`` nodes. Since every ``rank_acc <= 1``, a
-child is never worth more than its parent, so this is the best tree of that size under the model that
-heads are independent.
-"""
+"""Geometry of a draft tree for one verification forward: who sees whom, at which position."""
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-
-from drafters.base import Draft
-from drafters.errors import DraftsmithError
-
-Path = tuple[int, ...]
-
-# Medusa paper, Vicuna-7B: top-1 accuracy of heads 1..5. The prior for a fresh drafter before any measurement.
-MEDUSA_VICUNA7B_TOP1 = (0.56, 0.32, 0.20, 0.15, 0.12)
-
-
-def prior_rank_acc(num_heads: int, topk: int, top1: Sequence[float] = MEDUSA_VICUNA7B_TOP1) -> list[list[float]]:
-    """Per-rank acceptance probabilities from head top-1 accuracies alone.
-
-    Assumption: each rank is right with the same probability ``a`` (the head's top-1 accuracy) given that
-    every higher rank was wrong, so rank r is right with probability ``a * (1 - a) ** r``. Heads past the
-    end of ``top1`` continue its last ratio (``top1[-1] / top1[-2]``) geometrically.
-    """
-    if num_heads < 1 or topk < 1:
-        raise DraftsmithError(f"a tree needs num_heads >= 1 and tree_topk >= 1, got {num_heads} and {topk}")
-    accs = list(top1[:num_heads])
-    ratio = top1[-1] / top1[-2] if len(top1) > 1 else 1.0
-    while len(accs) < num_heads:
-        accs.append(accs[-1] * ratio)
-    return [[a * (1.0 - a) ** r for r in range(topk)] for a in accs]
-
-
-def rank_acc_from_counts(topk_hits: torch.Tensor, n: torch.Tensor) -> list[list[float]]:
-    """``rank_acc[d][r] = topk_hits[d, r] / n[d]``: the counts a drafter's ``loss`` returns, summed over a
-    validation set, turned into the measured probabilities `build_tree` takes."""
-    hits = topk_hits.detach().double().cpu()
-    counts = n.detach().double().cpu().clamp_min(1.0)
-    return (hits / counts[:, None]).tolist()
-
-
-def max_tree_nodes(num_heads: int, topk: int) -> int:
-    """Nodes of the complete tree: ``topk + topk**2 + ... + topk**num_heads``."""
-    return sum(topk**d for d in range(1, num_heads + 1))
-
-
-def build_tree(rank_acc: Sequence[Sequence[float]], n_nodes: int) -> list[Path]:
-    """The greedy Medusa tree of ``n_nodes`` nodes (see module docstring), sorted by depth, then path.
-
-    Ties go to the lexicographically smaller path, so the result is deterministic.
-    """
-    depth_max = len(rank_acc)
-    topk = len(rank_acc[0]) if depth_max else 0
-    if depth_max == 0 or topk == 0 or any(len(row) != topk for row in rank_acc):
-        raise DraftsmithError("rank_acc must be a non-empty [heads][ranks] table with the same ranks for every head")
-    if any(not 0.0 <= float(v) <= 1.0 for row in rank_acc for v in row):
-        raise DraftsmithError("rank_acc holds probabilities: every value must lie in [0, 1]")
-    limit = max_tree_nodes(depth_max, topk)
-    if not 0 <= n_nodes <= limit:
-        raise DraftsmithError(
-            f"tree_nodes={n_nodes} is impossible with {depth_max} heads and top-{topk}: use 0..{limit}"
-        )
-    frontier = [(-float(rank_acc[0][r]), (r,)) for r in range(topk)]
-    heapq.heapify(frontier)
-    chosen: list[Path] = []
-    while len(chosen) < n_nodes:
-        neg_value, path = heapq.heappop(frontier)
-        chosen.append(path)
-        if len(path) < depth_max:
-            for r in range(topk):
-                heapq.heappush(frontier, (neg_value * float(rank_acc[len(path)][r]), path + (r,)))
-    return sorted(chosen, key=lambda p: (len(p), p))
+from draftsmith.drafters.base import Draft
+from draftsmith.drafters.errors import DraftsmithError
 
 
 @dataclass(frozen=True)
-class CompiledTree:
-    """A tree of rank paths as index tensors: node i takes ``topk_tokens[depths[i] - 1, ranks[i]]`` and
-    hangs below node ``parents[i]`` (-1 = root). Built once per tree so each decoding step is one gather."""
+class TreeLayout:
+    """Rows are ``[root, node 0, node 1, ...]`` (row ``i + 1`` is draft node ``i``).
 
-    paths: tuple[Path, ...]
-    depths: torch.Tensor  # [n] long, 1-based
-    ranks: torch.Tensor  # [n] long
-    parents: torch.Tensor  # [n] long
-
-    @property
-    def max_depth(self) -> int:
-        return max((len(p) for p in self.paths), default=0)
-
-    @property
-    def max_rank(self) -> int:
-        return max((p[-1] for p in self.paths), default=-1)
-
-
-def compile_tree(paths: Sequence[Sequence[int]]) -> CompiledTree:
-    """Check a tree (every path's parent present, no duplicates, ranks >= 0) and index it in topological
-    order (by depth, then path)."""
-    ordered = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
-    if len(ordered) != len(paths):
-        raise DraftsmithError("the tree lists a path twice: every node must appear once")
-    index = {path: i for i, path in enumerate(ordered)}
-    parents = []
-    for path in ordered:
-        if not path or min(path) < 0:
-            raise DraftsmithError(f"tree path {list(path)} is invalid: a path is a non-empty list of ranks >= 0")
-        parent = path[:-1]
-        if parent and parent not in index:
-            raise DraftsmithError(f"tree path {list(path)} has no parent {list(parent)} in the tree: add it")
-        parents.append(index[parent] if parent else -1)
-    return CompiledTree(
-        paths=tuple(ordered),
-        depths=torch.tensor([len(p) for p in ordered], dtype=torch.long),
-        ranks=torch.tensor([p[-1] for p in ordered], dtype=torch.long),
-        parents=torch.tensor(parents, dtype=torch.long),
-    )
-
-
-def tree_draft(paths: Sequence[Sequence[int]] | CompiledTree, topk_tokens: torch.Tensor) -> Draft:
-    """Hang the tree's tokens below the root: node ``(r1..rd)`` gets ``topk_tokens[d-1, rd]``.
-
-    ``topk_tokens`` is ``[K, R]``: row d-1 holds head d's candidates, best first. The Draft has
-    ``probs=None`` (deterministic candidates) and lives on ``topk_tokens``' device.
+    ``depths[r]``: distance from the root (root = 0), added to the root's position.
+    ``visible[r, c]``: row ``r`` attends to row ``c`` (itself and its ancestors, the root included).
+    ``children[r]``: draft-node indices hanging below row ``r``, in draft order (sibling order matters
+    for sampling acceptance).
     """
-    tree = paths if isinstance(paths, CompiledTree) else compile_tree(paths)
-    if topk_tokens.dim() != 2:
-        raise DraftsmithError(f"topk_tokens must be [heads, ranks], got shape {tuple(topk_tokens.shape)}")
-    if tree.max_depth > topk_tokens.shape[0] or tree.max_rank >= topk_tokens.shape[1]:
-        raise DraftsmithError(
-            f"the tree needs {tree.max_depth} heads and top-{tree.max_rank + 1} candidates, but the drafter gives "
-            f"{topk_tokens.shape[0]} heads and top-{topk_tokens.shape[1]}: fix tree or tree_topk"
-        )
-    device = topk_tokens.device
-    tokens = topk_tokens[tree.depths.to(device) - 1, tree.ranks.to(device)]
-    return Draft(tokens=tokens.long(), parents=tree.parents.to(device))
+
+    depths: torch.Tensor
+    visible: torch.Tensor
+    children: list[list[int]]
 
 
-class TreeMixin:
-    """The tree a multi-head drafter hangs its candidates in: ``config.tree`` if set, else the greedy tree of
-    ``config.tree_nodes`` nodes built from ``config.rank_acc`` (measured in training) or the prior
-    (`prior_rank_acc`)."""
+def validate(draft: Draft) -> None:
+    n = len(draft)
+    if draft.parents.numel() != n:
+        raise DraftsmithError(f"draft has {n} tokens but {draft.parents.numel()} parents; give one parent per node")
+    parents = draft.parents.cpu()
+    if n and bool((parents >= torch.arange(n)).any() or (parents < -1).any()):
+        raise DraftsmithError("draft parents must satisfy -1 <= parents[i] < i (topological order)")
+    if draft.probs is not None and draft.probs.shape[0] != n:
+        raise DraftsmithError(f"draft has {n} tokens but probs for {draft.probs.shape[0]} nodes")
 
-    config: Any
-    _compiled_tree: CompiledTree | None = None
 
-    def _checked_tree(self, paths: Sequence[Sequence[int]]) -> CompiledTree:
-        compiled = compile_tree(paths)
-        if compiled.max_depth > self.config.num_heads or compiled.max_rank >= self.config.tree_topk:
-            raise DraftsmithError(
-                f"the tree needs {compiled.max_depth} heads and top-{compiled.max_rank + 1}, but the drafter has "
-                f"num_heads={self.config.num_heads} and tree_topk={self.config.tree_topk}: fix the tree or those fields"
-            )
-        return compiled
+def truncate(draft: Draft, max_nodes: int) -> Draft:
+    """The first ``max_nodes`` nodes (still a tree: nodes are in topological order), with tokens and
+    parents on the CPU where the engine walks the tree; ``probs`` stay where the drafter made them."""
+    probs = None if draft.probs is None else draft.probs[:max_nodes]
+    tokens = draft.tokens[:max_nodes].to("cpu", torch.long)
+    return Draft(tokens=tokens, parents=draft.parents[:max_nodes].to("cpu", torch.long), probs=probs)
 
-    def draft_tree(self) -> CompiledTree:
-        if self._compiled_tree is None:
-            paths = self.config.tree
-            if paths is None:
-                paths = build_tree(self._rank_acc(), self.config.tree_nodes)
-            self._compiled_tree = self._checked_tree(paths)
-        return self._compiled_tree
 
-    def max_draft_nodes(self) -> int:
-        return len(self.draft_tree().paths)
-
-    def set_tree(self, paths: Sequence[Sequence[int]]) -> None:
-        """Use ``paths`` (e.g. `build_tree` on measured accuracies) from now on; the export carries it."""
-        compiled = self._checked_tree(paths)
-        self.config.tree = [list(path) for path in compiled.paths]
-        self.config.tree_nodes = len(compiled.paths)
-        self._compiled_tree = compiled
-
-    def _rank_acc(self) -> list[list[float]]:
-        measured = self.config.rank_acc
-        if measured is None:
-            return prior_rank_acc(self.config.num_heads, self.config.tree_topk)
-        return [[min(max(float(v), 0.0), 1.0) for v in row] for row in measured]
-
-    def set_rank_accuracy(self, rank_acc: Sequence[Sequence[float]]) -> None:
-        """Keep measured per-head, per-rank accuracies (the export carries them, so the tree can be rebuilt at
-        another size later) and use the greedy tree of ``config.tree_nodes`` nodes built from them."""
-        self.config.rank_acc = [[float(v) for v in row] for row in rank_acc]
-        self.resize_tree(self.config.tree_nodes)
-
-    def resize_tree(self, n_nodes: int) -> None:
-        """Use the greedy tree of ``n_nodes`` nodes (at most the complete tree) from the measured accuracies.
-
-        The best size is the hardware's: a CPU pays for every verified node, a GPU verifies 64 nodes for
-        about the cost of one, so the evaluator may resize the tree a drafter was trained with.
-        """
-        rank_acc = self._rank_acc()
-        if n_nodes < 1:
-            raise DraftsmithError(f"tree_nodes={n_nodes}: a tree needs at least one node")
-        self.set_tree(build_tree(rank_acc, min(n_nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0])))))
+def layout(parents: torch.Tensor) -> TreeLayout:
+    rows = parents.numel() + 1
+    parent_rows = (parents + 1).tolist()  # row index of each node's parent (root row = 0)
+    visible = torch.eye(rows, dtype=torch.bool)
+    depths = [0] * rows
+    children: list[list[int]] = [[] for _ in range(rows)]
+    for node, parent_row in enumerate(parent_rows):
+        row = node + 1
+        visible[row] |= visible[parent_row]
+        depths[row] = depths[parent_row] + 1
+        children[parent_row].append(node)
+    return TreeLayout(depths=torch.tensor(depths, dtype=torch.long), visible=visible, children=children)

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from drafters.base import Draft
-from eval.sampling import SamplingConfig, warp
-from eval.tree import TreeLayout
+from draftsmith.drafters.base import Draft
+from draftsmith.drafters.sampling import SamplingConfig, warp
+from draftsmith.drafters.trees import TreeLayout
 
 
 @dataclass(frozen=True)

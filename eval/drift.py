@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.drafters.target import Target
+from draftsmith.eval.engine import SpeculativeDecoder, eos_token_ids
+from draftsmith.eval.questions import Dialogue, Question
 from tqdm.auto import tqdm
-
-from drafters.target import Target
-from eval.engine import SpeculativeDecoder, eos_token_ids
-from eval.plain_drafter import PlainDrafter
-from eval.questions import Question, answer_turn
 
 
 @dataclass(frozen=True)
@@ -36,13 +36,13 @@ def greedy_turns(
 ) -> list[list[Turn]]:
     """Plain greedy answers of ``target`` to every turn of every question (multi-turn, its own history)."""
     decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer))
-    tokenizer = target.tokenizer
+    template = ChatTemplate(target.tokenizer)
     answers = []
     for question in tqdm(questions, desc="original target, greedy", unit="q", disable=not progress):
-        messages: list[dict[str, str]] = []
+        dialogue = Dialogue(template)
         turns = []
         for text in question.turns:
-            prompt, generation = answer_turn(decoder, tokenizer, messages, text, PlainDrafter(), max_new_tokens)
+            prompt, generation = dialogue.answer(decoder, text, PlainDrafter(), max_new_tokens)
             turns.append(Turn(prompt, generation.tokens))
         answers.append(turns)
     return answers

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
 import torch
+from draftsmith.drafters import trees as tree
+from draftsmith.drafters.base import DecodeState, Drafter, UsesDecoder
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.sampling import SamplingConfig, warp
+from draftsmith.eval import acceptance
+from draftsmith.eval.kvcache import RollbackCache
 from transformers import PreTrainedModel
-
-from drafters.base import DecodeState, Drafter
-from drafters.errors import DraftsmithError
-from eval import acceptance, tree
-from eval.kvcache import RollbackCache
-from eval.sampling import SamplingConfig, warp
 
 
 @dataclass(frozen=True)
@@ -40,14 +39,6 @@ class Generation:
     def overhead_s(self) -> float:
         """Time spent neither in target forwards nor in the drafter: the engine's own bookkeeping."""
         return max(self.wall_s - self.target_s - self.drafter_s, 0.0)
-
-
-@runtime_checkable
-class UsesDecoder(Protocol):
-    """A drafter that drafts with the target itself (layer skipping) implements this to get the decoder
-    before each sequence; it may then run `SpeculativeDecoder.forward` at slots past the verified length."""
-
-    def attach_decoder(self, decoder: SpeculativeDecoder) -> None: ...
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: object | None = None) -> set[int]:
@@ -182,7 +173,7 @@ class SpeculativeDecoder:
                 prompt_len=n,
                 hidden={layer: buffer[: length - 1] for layer, buffer in buffers.items()},
                 new_from=new_from,
-                greedy=self.sampling.greedy,
+                sampling=self.sampling,
                 generator=generator,
             )
             drafted, target_before = time.perf_counter(), self.target_s

@@ -1,17 +1,30 @@
 """A preallocated target KV cache (transformers' `StaticCache`) that is rolled back by length.
 
-transformers' `StaticLayer` writes new keys at its own ``cumulative_length`` counter (5.17 and 5.23 alike),
-so "rolling back" is setting that counter before each forward; the slots past the verified length keep
-stale entries that the attention mask hides and the next forward overwrites.
+transformers' `StaticLayer` writes new keys at its own ``cumulative_length`` counter, a private detail that
+holds in the versions pyproject.toml allows (SUPPORTED_TRANSFORMERS), so "rolling back" is setting that
+counter before each forward; the slots past the verified length keep stale entries that the attention mask
+hides and the next forward overwrites.
 """
 
 from __future__ import annotations
 
 import torch
+from draftsmith.drafters.errors import DraftsmithError
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from drafters.errors import DraftsmithError
+SUPPORTED_TRANSFORMERS = ">=5.17,<5.25"  # keep equal to pyproject.toml's pin
+
+
+def check_cache_internals(layer: StaticLayer) -> None:
+    """The rollback writes transformers' private per-layer counter: refuse a version where it moved."""
+    if not isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+        import transformers
+
+        raise DraftsmithError(
+            f"transformers {transformers.__version__} changed StaticLayer.cumulative_length, which the rollback cache "
+            f"writes; install a supported version: pip install 'transformers{SUPPORTED_TRANSFORMERS}'"
+        )
 
 
 class RollbackCache:
@@ -24,6 +37,7 @@ class RollbackCache:
                     f"target layer cache {type(layer).__name__} is not supported (sliding-window or hybrid "
                     "attention); use a Llama/Qwen-family target with full attention"
                 )
+            check_cache_internals(layer)
 
     def write_at(self, slot: int) -> None:
         """The next forward writes its keys/values at slots ``slot, slot + 1, ...``."""

@@ -1,19 +1,20 @@
-"""Resolve ``drafter=NAME_OR_PATH``: a training-free kind by name, anything else an export folder / Hub id."""
+"""Resolve ``drafter=NAME_OR_PATH``: a registered drafter kind by name (with its default settings), anything
+else an export folder / Hub id."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-import drafters  # noqa: F401 - registers the trained drafter kinds
-from drafters.base import ADAPTER_KEY, Drafter
-from drafters.errors import DraftsmithError
-from drafters.target import Target
-from eval.layerskip_search import load_or_search
-from eval.ngram_drafter import NgramDrafter
-from eval.plain_drafter import PlainDrafter
+import draftsmith.drafters  # noqa: F401 - registers every drafter kind
+from draftsmith.drafters.base import ADAPTER_KEY, Drafter, Tunable, drafter_class, drafter_kinds
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target
+from draftsmith.eval.engine import SpeculativeDecoder, eos_token_ids
+from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
 
-TRAINING_FREE = ("ar", "ngram", "layerskip")
+TUNING_CATEGORIES = ("writing", "qa", "summarisation")
 
 
 def _check_target(drafter: Drafter, where: str, target: Target) -> None:
@@ -30,9 +31,10 @@ def _check_target(drafter: Drafter, where: str, target: Target) -> None:
 def load_drafter(
     name_or_path: str | Path, target: Target, tree_nodes: int | None = None, merge_adapter: bool = True
 ) -> Drafter:
-    """``ar`` | ``ngram`` | ``layerskip`` by name; otherwise `Drafter.from_pretrained` against ``target``.
+    """A registered kind by name (``ar``, ``ngram``, ``layerskip``, ...: `Drafter.for_target`, then `tune` for a
+    kind that searches its settings per target); otherwise `Drafter.from_pretrained` against ``target``.
 
-    ``tree_nodes`` rebuilds a tree drafter's candidate tree at that size from its measured accuracies.
+    ``tree_nodes`` sets the draft size (a tree drafter rebuilds its tree at that size from its measured accuracies).
     An export that carries a target adapter (Medusa-2) has it merged into ``target.model`` for good, so plain
     and speculative decoding both run the adapted target the drafter was trained with; ``merge_adapter=False``
     leaves that to a later `adapt_target` (to decode with the original target first).
@@ -42,23 +44,28 @@ def load_drafter(
     if merge_adapter:
         adapt_target(drafter, target)
     if tree_nodes is not None:
-        if not hasattr(drafter, "resize_tree"):
-            raise DraftsmithError(f"tree_nodes applies to tree drafters (medusa, amphista), not to {name}")
-        drafter.resize_tree(tree_nodes)
+        drafter.set_draft_size(tree_nodes)
     return drafter
 
 
+def tuning_prompts(target: Target) -> list[list[int]]:
+    """Two first turns of the shipped questions (writing / qa / summarisation) to time a drafter's trials on."""
+    picked = [q for q in load_questions(DEFAULT_QUESTIONS) if q.category in TUNING_CATEGORIES][::2][:2]
+    template = ChatTemplate(target.tokenizer)
+    return [template.first_prompt(q.turns[0]) for q in picked]
+
+
 def _load(name: str, target: Target) -> Drafter:
-    if name == "ar":
-        return PlainDrafter()
-    if name == "ngram":
-        return NgramDrafter()
-    if name == "layerskip":
-        return load_or_search(target)
+    if name in drafter_kinds():
+        drafter = drafter_class(name).for_target(target)
+        if isinstance(drafter, Tunable) and drafter.needs_tuning:
+            decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer))
+            drafter.tune(decoder, tuning_prompts(target))
+        return drafter
     try:
         drafter = Drafter.from_pretrained(name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
     except FileNotFoundError as err:
-        raise DraftsmithError(f"{err}, or a training-free drafter: {', '.join(TRAINING_FREE)}") from None
+        raise DraftsmithError(f"{err}, or a drafter kind: {', '.join(drafter_kinds())}") from None
     except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
         raise DraftsmithError(str(err)) from None
     _check_target(drafter, name, target)

@@ -7,23 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from draftsmith.drafters.base import Drafter
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.drafters.sampling import SamplingConfig
+from draftsmith.drafters.target import Target
+from draftsmith.eval import report
+from draftsmith.eval.drift import Turn, adapter_drift
+from draftsmith.eval.engine import Generation, SpeculativeDecoder, eos_token_ids
+from draftsmith.eval.questions import Dialogue, Question
+from draftsmith.eval.summary import summarize
 from tqdm.auto import tqdm
-
-from drafters.base import Drafter
-from drafters.errors import DraftsmithError
-from drafters.target import Target
-from eval import report
-from eval.drift import Turn, adapter_drift
-from eval.engine import Generation, SpeculativeDecoder, eos_token_ids
-from eval.plain_drafter import PlainDrafter
-from eval.questions import Question, answer_turn
-from eval.sampling import SamplingConfig
-from eval.summary import summarize
 
 
 def _turn_pair(
     decoder: SpeculativeDecoder,
-    tokenizer: Any,
+    template: ChatTemplate,
     drafter: Drafter,
     plain: Drafter,
     question: Question,
@@ -34,17 +34,16 @@ def _turn_pair(
     plain_gens: list[Generation] = []
     spec_gens: list[Generation] = []
     answers: list[str] = []
-    plain_messages: list[dict[str, str]] = []
-    spec_messages: list[dict[str, str]] = []
+    plain_side, spec_side = Dialogue(template), Dialogue(template)
     plain_rng = torch.Generator().manual_seed(seed)
     spec_rng = torch.Generator().manual_seed(seed)
     for turn in question.turns:
-        for messages, runner, rng, store in (
-            (plain_messages, plain, plain_rng, plain_gens),
-            (spec_messages, drafter, spec_rng, spec_gens),
+        for side, runner, rng, store in (
+            (plain_side, plain, plain_rng, plain_gens),
+            (spec_side, drafter, spec_rng, spec_gens),
         ):
-            store.append(answer_turn(decoder, tokenizer, messages, turn, runner, max_new_tokens, rng)[1])
-        answers.append(spec_messages[-1]["content"])
+            store.append(side.answer(decoder, turn, runner, max_new_tokens, rng)[1])
+        answers.append(template.tokenizer.decode(spec_gens[-1].tokens, skip_special_tokens=True).strip())
     return plain_gens, answers, spec_gens
 
 
@@ -93,20 +92,20 @@ def evaluate(
     sampling = SamplingConfig(temperature=temperature, top_p=top_p)
     decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer), sampling=sampling)
     plain = PlainDrafter()
+    template = ChatTemplate(target.tokenizer)
     rows = []
     plain_answers = []
     bar = tqdm(questions, desc=f"eval {drafter_name or drafter.config.kind}", unit="q", disable=not progress)
     for index, question in enumerate(bar):
         plain_gens, answers, spec_gens = _turn_pair(
-            decoder, target.tokenizer, drafter, plain, question, max_new_tokens, seed * 100_003 + index
+            decoder, template, drafter, plain, question, max_new_tokens, seed * 100_003 + index
         )
         rows.append(_row(question, answers, plain_gens, spec_gens, sampling.greedy))
         plain_answers.append([g.tokens for g in plain_gens])
         steps = [n for row in rows for n in row["accept_lengths"]]
         bar.set_postfix(tau=f"{sum(steps) / max(len(steps), 1):.2f}")
     settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    if getattr(drafter.config, "tree", None) is not None:
-        settings["tree_nodes"] = len(drafter.config.tree)
+    settings.update(drafter.draft_shape())
     summary = summarize(rows, drafter_name or drafter.config.kind, target.identity.name, settings)
     if original is not None:
         summary["adapter_drift"] = adapter_drift(target.model, original, plain_answers if sampling.greedy else None)

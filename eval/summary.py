@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eval import metrics
+from draftsmith.eval import metrics
 
 
 def _aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.eval.engine import SpeculativeDecoder
 from transformers import PreTrainedModel
-
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig
-from eval.engine import SpeculativeDecoder
-from eval.plain_drafter import PlainDrafter
 
 
 def assert_lossless_greedy(

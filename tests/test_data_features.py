@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from data import FeatureCache, build_distilled, load_distilled, target_features, write_feature_cache
-from drafters.base import TargetNeeds
-from drafters.errors import DraftsmithError
-from drafters.target import Target
+from draftsmith.data import FeatureCache, build_distilled, load_distilled, target_features, write_feature_cache
+from draftsmith.drafters.base import TargetNeeds
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target
 
 
 def right_pad(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

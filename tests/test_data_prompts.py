@@ -7,11 +7,10 @@ from pathlib import Path
 
 import datasets
 import pytest
-
-from data.config import DataConfig
-from data.prompts import Conversation, load_prompts, prompts_hash
-from data.synth import _read_batches, first_line
-from drafters.errors import DraftsmithError
+from draftsmith.data.config import DataConfig
+from draftsmith.data.prompts import Conversation, load_prompts, prompts_hash
+from draftsmith.data.synth import _read_batches, first_line
+from draftsmith.drafters.errors import DraftsmithError
 
 
 def write_jsonl(path: Path, records: list[object]) -> Path:

@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-
-from data import build_distilled, load_distilled, read_manifest
-from data.chat import ChatTemplate
-from data.config import DataConfig
-from data.prompts import Conversation
-from data.regenerate import regenerate
-from drafters.errors import DraftsmithError
-from drafters.target import Target
+from draftsmith.data import build_distilled, load_distilled, read_manifest
+from draftsmith.data.config import DataConfig
+from draftsmith.data.prompts import Conversation
+from draftsmith.data.regenerate import regenerate
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target
 
 ANSWERS = {
     "What is the capital of France?": "The capital of France is Paris.",

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_llama
-
-from data import load_distilled, read_manifest
-from drafters.target import Target
+from draftsmith.data import load_distilled, read_manifest
+from draftsmith.drafters.target import Target
 
 REPO = Path(__file__).resolve().parents[1]
 N_CONVERSATIONS = 24
@@ -54,7 +53,7 @@ def cli_setup(real_target: Target, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def run_cli_in_process(args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> int:
     """``python -m data ARGS`` in this process; returns its exit status."""
-    from data.__main__ import main
+    from draftsmith.data.cli import main
 
     monkeypatch.setattr(sys, "argv", ["data", *args[3:]])
     monkeypatch.setenv("DRAFTSMITH_CACHE", env["DRAFTSMITH_CACHE"])
@@ -101,4 +100,6 @@ def test_cli_prints_one_line_error_and_exits_2(
     bad = args + [f"data.prompts={root / 'missing.jsonl'}", f"data.out={root / 'bad'}"]
     assert run_cli_in_process(bad, env, monkeypatch) == 2
     stderr = capsys.readouterr().err
-    assert stderr.strip().splitlines()[-1] == f"error: prompt file {root / 'missing.jsonl'} does not exist"
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: prompt file {root / 'missing.jsonl'} does not exist; pass the path of a JSONL file"
+    )

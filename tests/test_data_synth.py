@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-
-from data.chat import ChatTemplate
-from data.config import DataConfig, SynthConfig
-from data.synth import synthesize_prompts, user_header, write_unseen_questions
-from drafters.errors import DraftsmithError
-from drafters.target import Target
-from eval.questions import load_questions
+from draftsmith.data.config import DataConfig, SynthConfig
+from draftsmith.data.synth import synthesize_prompts, user_header, write_unseen_questions
+from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target
+from draftsmith.eval.questions import load_questions
 
 CFG = SynthConfig(n=6, batch_size=4, max_new_tokens=16)
 POOL = [f"How do I learn topic number {i} well?" for i in range(12)] + ["ok", "1234567890123", "Tell me a joke, please"]

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-
-from drafters.errors import DraftsmithError
-from drafters.target import load_target
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import load_target
 
 
 def test_unreachable_hub_target_fails_fast_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
+from draftsmith.drafters.base import DecodeState, Drafter
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
 from safetensors.torch import load_file
-
-from drafters.amphista import AmphistaConfig, AmphistaDrafter
-from drafters.base import DecodeState, Drafter
-from drafters.errors import DraftsmithError
-from drafters.medusa import MedusaConfig, MedusaDrafter
 
 HEADS = 3
 
@@ -61,16 +60,16 @@ def test_adaptation_layers_are_causal(target, sequence) -> None:
     ids, hidden, _ = sequence
     drafter = amphista(target, randomized=True)
     mask = torch.ones_like(ids)
-    base = drafter.head_features(hidden, ids, mask)
+    base = drafter.head_inputs(hidden, {"input_ids": ids, "attention_mask": mask})
     for t in (3, 10):
         perturbed = hidden.clone()
         perturbed[:, t + 1] += 1.0
-        moved = drafter.head_features(perturbed, ids, mask)
+        moved = drafter.head_inputs(perturbed, {"input_ids": ids, "attention_mask": mask})
         assert torch.allclose(moved[:, : t + 1], base[:, : t + 1], atol=1e-6)
         assert (moved[:, t + 1 :] - base[:, t + 1 :]).abs().amax(dim=(0, 2, 3)).gt(1e-4).all()
         other_token = ids.clone()
         other_token[:, t + 2] = (ids[:, t + 2] + 1) % 128  # position t+1 pairs h_{t+1} with token t+2
-        moved = drafter.head_features(hidden, other_token, mask)
+        moved = drafter.head_inputs(hidden, {"input_ids": other_token, "attention_mask": mask})
         assert torch.allclose(moved[:, : t + 1], base[:, : t + 1], atol=1e-6)
         assert not torch.allclose(moved[:, t + 1], base[:, t + 1], atol=1e-4)
 
@@ -78,7 +77,7 @@ def test_adaptation_layers_are_causal(target, sequence) -> None:
 def test_incremental_decoding_equals_full_recomputation(target, sequence) -> None:
     ids, hidden, _ = sequence
     drafter = amphista(target, randomized=True)
-    full = drafter.head_features(hidden, ids, torch.ones_like(ids))[0]
+    full = drafter.head_inputs(hidden, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0]
     lm_head = target.lm_head.weight
     previous = 0
     # the evaluator's pattern: prefill, then steps appending 1..4 tokens; then one call repeated
@@ -123,8 +122,8 @@ def test_kl_loss_against_the_target_distribution(target, sequence) -> None:
             for t in range(ids.shape[1] - k - 1)
         ]
         expected += 0.5 ** (k - 1) * torch.stack(terms).mean()
-    assert out["loss"].item() == pytest.approx(float(expected), rel=1e-4)
-    assert out["n"].tolist() == [ids.shape[1] - k - 1 for k in range(1, HEADS + 1)]
+    assert out.loss.item() == pytest.approx(float(expected), rel=1e-4)
+    assert out.counts.tolist() == [ids.shape[1] - k - 1 for k in range(1, HEADS + 1)]
     with pytest.raises(DraftsmithError, match="loss_type=kl"):
         drafter.loss(batch, {"hidden": {-1: hidden}})
 
@@ -136,8 +135,8 @@ def test_gradients_reach_only_the_drafter(target, sequence) -> None:
     batch["loss_mask"][:, :8] = 0
     batch["attention_mask"][:, 20:] = 0
     out = drafter.loss(batch, {"hidden": {-1: hidden}})
-    assert out["topk_hits"].shape == (HEADS, 4)
-    out["loss"].backward()
+    assert out.hits.shape == (HEADS, 4)
+    out.loss.backward()
     assert all(p.grad is not None for p in drafter.parameters())
     assert drafter.fuse.weight.grad[:, 32:].abs().sum() > 0, "the token embedding half of the fusion must learn"
     assert all(p.grad is None for p in target.parameters())

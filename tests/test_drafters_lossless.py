@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
-
-from drafters.amphista import AmphistaConfig, AmphistaDrafter
-from drafters.base import Drafter
-from drafters.medusa import MedusaConfig, MedusaDrafter
-from eval.engine import SpeculativeDecoder
-from eval.testing import assert_lossless_greedy
+from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
+from draftsmith.drafters.base import Drafter
+from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
+from draftsmith.eval.engine import SpeculativeDecoder
+from draftsmith.eval.testing import assert_lossless_greedy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

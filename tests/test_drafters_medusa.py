@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from draftsmith.drafters.amphista import AmphistaDrafter
+from draftsmith.drafters.base import DecodeState, Drafter, drafter_class
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
+from draftsmith.drafters.rank_trees import build_tree, max_tree_nodes
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
-
-from drafters.amphista import AmphistaDrafter
-from drafters.base import DecodeState, Drafter, drafter_class
-from drafters.errors import DraftsmithError
-from drafters.medusa import MedusaConfig, MedusaDrafter
-from drafters.trees import build_tree, max_tree_nodes
 
 HEADS = 3
 
@@ -86,12 +85,12 @@ def test_loss_matches_a_hand_computation(target, loss_type: str) -> None:
         expected += 0.7 ** (k - 1) * torch.stack(losses).mean()
         counts.append(len(losses))
         top1.append(hits / len(losses))
-    assert out["loss"].item() == pytest.approx(float(expected.detach()), rel=1e-5)
-    assert out["n"].tolist() == counts
-    assert out["acc"].tolist() == pytest.approx(top1)
-    assert out["topk_hits"].shape == (HEADS, 4)
-    assert out["topk_hits"][:, 0].tolist() == [a * n for a, n in zip(top1, counts)]
-    assert (out["topk_hits"].sum(1) <= out["n"]).all()
+    assert out.loss.item() == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert out.counts.tolist() == counts
+    assert out.top1().tolist() == pytest.approx(top1)
+    assert out.hits.shape == (HEADS, 4)
+    assert out.hits[:, 0].tolist() == [a * n for a, n in zip(top1, counts)]
+    assert (out.hits.sum(1) <= out.counts).all()
 
 
 def test_fresh_heads_are_the_identity(target) -> None:
@@ -107,7 +106,7 @@ def test_fresh_heads_are_the_identity(target) -> None:
 def test_gradients_reach_only_the_drafter(target, share_lm_head: bool) -> None:
     drafter = medusa(target, share_lm_head=share_lm_head)
     batch, features = batch_and_features(target)
-    drafter.loss(batch, features)["loss"].backward()
+    drafter.loss(batch, features).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in drafter.parameters())
     assert all(p.grad is None and not p.requires_grad for p in target.parameters())
     names = set(drafter.state_dict())

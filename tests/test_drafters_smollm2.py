@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from drafters.amphista import AmphistaConfig, AmphistaDrafter
-from drafters.base import Drafter
-from drafters.medusa import MedusaConfig, MedusaDrafter
-from eval.engine import SpeculativeDecoder, eos_token_ids
-from eval.plain_drafter import PlainDrafter
+from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
+from draftsmith.drafters.base import Drafter
+from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.eval.engine import SpeculativeDecoder, eos_token_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -40,7 +39,7 @@ def test_fresh_drafter_trains_and_decodes_losslessly_on_smollm2(real_target, dra
     with torch.no_grad():
         out = real_target.model(ids, output_hidden_states=True)
     result = drafter.train().loss(batch, {"hidden": {-1: out.hidden_states[-1]}})
-    assert torch.isfinite(result["loss"]) and result["n"][0] == len(plain.tokens)
-    result["loss"].backward()
+    assert torch.isfinite(result.loss) and result.counts[0] == len(plain.tokens)
+    result.loss.backward()
     assert all(p.grad is not None for p in drafter.parameters())
     assert all(p.grad is None for p in real_target.model.parameters())

@@ -9,12 +9,11 @@ import json
 
 import pytest
 import torch
-
-from drafters.target import Target
-from eval.drift import adapter_drift, greedy_turns
-from eval.ngram_drafter import NgramDrafter
-from eval.questions import DEFAULT_QUESTIONS, load_questions
-from eval.runner import evaluate
+from draftsmith.drafters.ngram import NgramDrafter
+from draftsmith.drafters.target import Target
+from draftsmith.eval.drift import adapter_drift, greedy_turns
+from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
+from draftsmith.eval.runner import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_llama
-
-from drafters.errors import DraftsmithError
-from drafters.target import Target, TargetIdentity
-from eval.engine import SpeculativeDecoder
-from eval.loading import load_drafter
-from eval.plain_drafter import PlainDrafter
-from eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
-from eval.sampling import SamplingConfig
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.drafters.sampling import SamplingConfig
+from draftsmith.drafters.target import Target, TargetIdentity
+from draftsmith.eval.engine import SpeculativeDecoder
+from draftsmith.eval.loading import load_drafter
+from draftsmith.eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,20 +53,30 @@ def test_a_small_slice_takes_every_category_in_turn():
 
 
 def test_missing_question_file(tmp_path):
-    with pytest.raises(DraftsmithError, match="not found"):
+    with pytest.raises(DraftsmithError, match="does not exist"):
         load_questions(tmp_path / "nope.jsonl")
 
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("{not json", "not valid JSON"), ('{"id": 1, "turns": []}', "turns"), ('{"turns": ["hi"]}', "missing 'id'")],
+    [
+        ("{not json", "invalid JSON"),
+        ('{"id": 1, "turns": []}', "turns"),
+        ('{"id": "a", "turns": ["hi"]}', "'a' already"),
+    ],
 )
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "q.jsonl"
     path.write_text('{"id": "a", "turns": ["hello"]}\n' + line + "\n")
     with pytest.raises(DraftsmithError, match=message) as err:
         load_questions(path)
-    assert f"{path}:2" in str(err.value)
+    assert f"{path}: line 2:" in str(err.value)
+
+
+def test_a_question_without_id_is_named_by_its_line(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"turns": ["hello"]}\n\n{"turns": ["again"], "category": "math"}\n')
+    assert [(q.id, q.category) for q in load_questions(path)] == [("line-1", "general"), ("line-3", "math")]
 
 
 def test_tokenizer_mismatch(tmp_path):
@@ -91,7 +100,7 @@ def test_training_free_names_resolve():
 
 
 def test_tree_nodes_only_for_tree_drafters():
-    with pytest.raises(DraftsmithError, match="tree_nodes applies to tree drafters"):
+    with pytest.raises(DraftsmithError, match="'ngram' has no draft size to set"):
         load_drafter("ngram", fake_target(), tree_nodes=5)
 
 
@@ -115,4 +124,4 @@ def test_cli_malformed_line(tmp_path):
     path.write_text(json.dumps({"id": "a", "turns": ["hi"]}) + "\n\n{broken\n")
     result = run_cli(f"questions={path}", f"out={tmp_path / 'out'}")
     assert result.returncode == 2
-    assert f"{path}:3" in result.stderr
+    assert f"{path}: line 3:" in result.stderr

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from drafters.base import DecodeState
-from eval.ngram_drafter import NgramConfig, NgramDrafter
+from draftsmith.drafters.base import DecodeState
+from draftsmith.drafters.ngram import NgramConfig, NgramDrafter
 
 
 def propose(drafter: NgramDrafter, tokens: list[int]) -> list[int]:

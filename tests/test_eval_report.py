@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from eval import metrics
-from eval.ngram_drafter import NgramDrafter
-from eval.questions import DEFAULT_QUESTIONS, load_questions
-from eval.runner import evaluate
+from draftsmith.drafters.ngram import NgramDrafter
+from draftsmith.eval import metrics
+from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
+from draftsmith.eval.runner import evaluate
 
 SUMMARY_KEYS = {
     "drafter", "target", "n_questions", "tau", "tau_per_question", "alpha", "speedup", "tokens_per_s",

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
+from draftsmith.drafters import trees as tree
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig
+from draftsmith.drafters.sampling import SamplingConfig, warp
+from draftsmith.eval import acceptance
+from draftsmith.eval.engine import SpeculativeDecoder
 from scipy.stats import chisquare
-
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig
-from eval import acceptance, tree
-from eval.engine import SpeculativeDecoder
-from eval.sampling import SamplingConfig, warp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

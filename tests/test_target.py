@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from drafters.errors import DraftsmithError
-from drafters.target import TargetSpec, cache_root, load_target, tokenizer_hash
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import TargetSpec, cache_root, load_target, tokenizer_hash
 
 
 def test_embedded_target_identity_and_cache(real_target):

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import draftsmith.eval.runner
 import pytest
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.training.callbacks import AcceptanceEval
+from draftsmith.training.export import Exporter
 from test_training_support import tiny_drafter, tiny_target
 from torch import nn
-
-import eval.runner
-from drafters.errors import DraftsmithError
-from training.callbacks import AcceptanceEval
-from training.export import Exporter
 
 
 class RecordingLogger:
@@ -43,7 +42,7 @@ def scripted_taus(monkeypatch):
         calls.append(kwargs)
         return _summary(taus[len(calls) - 1])
 
-    monkeypatch.setattr(eval.runner, "evaluate", fake_evaluate)
+    monkeypatch.setattr(draftsmith.eval.runner, "evaluate", fake_evaluate)
     return calls
 
 
@@ -114,7 +113,7 @@ def test_keep_best_holds_the_best_epoch_whatever_the_final_step(tmp_path, script
 
 
 def test_keep_best_breaks_a_tie_for_the_later_epoch(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval.runner, "evaluate", lambda *args, **kwargs: _summary(1.5))
+    monkeypatch.setattr(draftsmith.eval.runner, "evaluate", lambda *args, **kwargs: _summary(1.5))
     target = tiny_target()
     callback = AcceptanceEval(
         target, ["q"], Exporter(tmp_path / "export", target.identity, {}), max_new_tokens=4, out=tmp_path / "epochs"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.training.datamodule import DistillDataModule, PadCollator, held_out_split
+from draftsmith.training.sampling import BucketBatchSampler
 from test_training_support import tiny_rows
-
-from drafters.errors import DraftsmithError
-from training.datamodule import DistillDataModule, PadCollator, held_out_split
-from training.sampling import BucketBatchSampler
 
 
 def test_batches_are_padded_masked_and_truncated():

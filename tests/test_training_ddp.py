@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import torch
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.features import OnlineFeatures
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
-
-from training.datamodule import DistillDataModule
-from training.features import OnlineFeatures
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 held-out rows in batches of 2: 3 validation batches, so one process also gets an empty padding batch
@@ -66,7 +65,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
             out = drafter.loss(batch, OnlineFeatures()(target.model, batch, drafter.target_needs()))
-            hits, n = hits + out["topk_hits"].double(), n + out["n"].double()
+            hits, n = hits + out.hits.double(), n + out.counts.double()
     expected = (hits / n[:, None]).float()
     for rank in ranks:
         torch.testing.assert_close(rank["rank_accuracy"], expected)

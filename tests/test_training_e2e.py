@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from drafters.base import Drafter
+from draftsmith.drafters.base import Drafter
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -96,8 +95,8 @@ def test_user_mistakes_end_in_one_error_line_and_exit_2(tmp_path, override, mess
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
-    from drafters.errors import DraftsmithError
-    from training.pipeline import resume_checkpoint
+    from draftsmith.drafters.errors import DraftsmithError
+    from draftsmith.training.pipeline import resume_checkpoint
 
     assert resume_checkpoint(tmp_path, resume=False) is None
     with pytest.raises(DraftsmithError, match="resume=true but .*last.ckpt does not exist"):

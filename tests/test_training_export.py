@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 import yaml
+from draftsmith.drafters.base import Drafter
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.training.export import write_export
+from draftsmith.training.report import acceptance_rows
 from huggingface_hub import ModelCard
 from test_training_support import tiny_drafter, tiny_target
-
-from drafters.base import Drafter
-from drafters.errors import DraftsmithError
-from training.export import write_export
-from training.report import acceptance_rows
 
 SUMMARY = {
     "drafter": "medusa",

@@ -9,35 +9,34 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import draftsmith.eval.drift
 import huggingface_hub
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from draftsmith.drafters.errors import DraftsmithError, one_line_errors
+from draftsmith.drafters.medusa import MedusaConfig
+from draftsmith.drafters.plain import PlainDrafter
+from draftsmith.drafters.target import Target
+from draftsmith.eval.engine import SpeculativeDecoder
+from draftsmith.eval.loading import adapt_target, carries_adapter, load_drafter
+from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
+from draftsmith.eval.testing import assert_lossless_greedy
+from draftsmith.training.callbacks import AcceptanceEval
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.export import Exporter
+from draftsmith.training.features import CachedFeatures
+from draftsmith.training.lora import self_distillation_kl
+from draftsmith.training.module import DrafterModule
+from draftsmith.training.pipeline import check_adapted_target, finish, run
 from huggingface_hub.utils import filter_repo_objects
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_training_resume import KillAtStep, Killed
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
-
-import eval.drift
-from drafters.errors import DraftsmithError, one_line_errors
-from drafters.medusa import MedusaConfig
-from drafters.target import Target
-from eval.engine import SpeculativeDecoder
-from eval.loading import adapt_target, carries_adapter, load_drafter
-from eval.plain_drafter import PlainDrafter
-from eval.questions import DEFAULT_QUESTIONS, load_questions
-from eval.testing import assert_lossless_greedy
-from training.callbacks import AcceptanceEval
-from training.datamodule import DistillDataModule
-from training.export import Exporter
-from training.features import CachedFeatures
-from training.lora import self_distillation_kl
-from training.module import DrafterModule
-from training.pipeline import check_adapted_target, finish, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,8 +105,8 @@ def test_the_kl_starts_at_zero_and_grows_once_the_adapters_move():
     assert dropouts and all(m.training for m in dropouts) and not module.target.base_model.model.model.training
     batch = first_batch()
     out = module._step(batch)
-    assert out["kl"].item() == 0.0  # LoRA's B is zero: the adapted target is exactly the original
-    out["loss"].backward()
+    assert out.logs["kl"].item() == 0.0  # LoRA's B is zero: the adapted target is exactly the original
+    out.loss.backward()
     lora = adapters(module)
     assert all(param.grad is not None for param in lora.values())
     assert all(param.grad is None for name, param in module.target.named_parameters() if name not in lora)
@@ -117,9 +116,9 @@ def test_the_kl_starts_at_zero_and_grows_once_the_adapters_move():
     assert not any(m.training for m in dropouts)
     with torch.no_grad():
         out = module._step(batch)
-        heads_only = module.drafter.loss(batch, module.features(module.target, batch, module.needs))["loss"]
-    assert out["kl"].item() > 0
-    torch.testing.assert_close(out["loss"], heads_only + 2.0 * out["kl"])
+        heads_only = module.drafter.loss(batch, module.features(module.target, batch, module.needs)).loss
+    assert out.logs["kl"].item() > 0
+    torch.testing.assert_close(out.loss, heads_only + 2.0 * out.logs["kl"])
 
     # the same KL from full-vocabulary logits of the adapted and the original target
     ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -220,13 +219,13 @@ def test_every_evaluation_measures_the_drift_from_the_original_target(real_targe
         for param in adapters(module).values():
             param.normal_(0.0, 0.3)
     decoded_originals = []
-    greedy_turns = eval.drift.greedy_turns
+    greedy_turns = draftsmith.eval.drift.greedy_turns
 
     def counting_greedy_turns(*args, **kwargs):
         decoded_originals.append(greedy_turns(*args, **kwargs))
         return decoded_originals[-1]
 
-    monkeypatch.setattr(eval.drift, "greedy_turns", counting_greedy_turns)
+    monkeypatch.setattr(draftsmith.eval.drift, "greedy_turns", counting_greedy_turns)
     questions = load_questions(DEFAULT_QUESTIONS)[:2]
     exporter = Exporter(tmp_path / "export", target.identity, {}, module.adapter)
     callback = AcceptanceEval(target, questions, exporter, max_new_tokens=4, out=tmp_path / "epochs", keep="last")
@@ -242,7 +241,7 @@ def test_every_evaluation_measures_the_drift_from_the_original_target(real_targe
         callback.on_train_epoch_end(trainer, module)
 
     assert len(decoded_originals) == 1 and decoded_originals[0] == greedy_turns(base, questions, 4)
-    drift = eval.drift.adapter_drift(
+    drift = draftsmith.eval.drift.adapter_drift(
         target.model, decoded_originals[0], [[t.tokens for t in q] for q in greedy_turns(target, questions, 4)]
     )
     assert drift["top1_agreement"] < 1.0  # the adapters were on for the comparison, and are on again after it

@@ -7,17 +7,16 @@ import warnings
 
 import pytest
 import torch
+from draftsmith.data.features import FeatureCache, cache_folder, write_feature_cache
+from draftsmith.data.store import FORMAT, ShardStore, shard_entry
+from draftsmith.drafters.base import TargetNeeds
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.eval.metrics import chain_tau
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.features import CachedFeatures, OnlineFeatures
+from draftsmith.training.module import DrafterModule, frozen_target_expected
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
-
-from data.features import FeatureCache, cache_folder, write_feature_cache
-from data.store import FORMAT, ShardStore, shard_entry
-from drafters.base import TargetNeeds
-from drafters.errors import DraftsmithError
-from eval.metrics import chain_tau
-from training.datamodule import DistillDataModule
-from training.features import CachedFeatures, OnlineFeatures
-from training.module import DrafterModule, frozen_target_expected
 
 
 def test_chain_tau_formula():
@@ -68,8 +67,8 @@ def test_cached_features_give_the_online_loss(tmp_path):
     for batch in datamodule.train_dataloader():
         online = drafter.loss(batch, OnlineFeatures()(target.model, batch, needs))
         offline = drafter.loss(batch, cached(target.model, batch, needs))
-        torch.testing.assert_close(online["loss"], offline["loss"], rtol=1e-5, atol=1e-6)
-        assert torch.equal(online["topk_hits"], offline["topk_hits"])
+        torch.testing.assert_close(online.loss, offline.loss, rtol=1e-5, atol=1e-6)
+        assert torch.equal(online.hits, offline.hits)
 
 
 def test_target_is_frozen_out_of_the_optimizer_and_the_checkpoint(tmp_path):
@@ -122,9 +121,8 @@ def test_a_drafter_without_trainable_weights_is_refused():
 
 
 def test_cache_mode_without_a_cache_is_a_clear_error(tmp_path):
+    from draftsmith.training.pipeline import feature_source
     from omegaconf import OmegaConf
-
-    from training.pipeline import feature_source
 
     target = tiny_target()
     drafter = tiny_drafter(target)

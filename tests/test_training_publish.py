@@ -7,11 +7,10 @@ import socket
 import threading
 
 import pytest
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.training.export import write_export
+from draftsmith.training.publish import publish
 from test_training_support import tiny_drafter, tiny_target
-
-from drafters.errors import DraftsmithError
-from training.export import write_export
-from training.publish import publish
 
 
 @pytest.fixture()

@@ -47,7 +47,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
 
 
 def test_resume_refuses_another_drafter(tmp_path):
-    from drafters.errors import DraftsmithError
+    from draftsmith.drafters.errors import DraftsmithError
 
     train = settings(max_epochs=1, checkpoint_every_n_steps=3)
     tiny_fit(tmp_path, train)

@@ -13,15 +13,14 @@ import datasets
 import lightning as L
 import torch
 from conftest import tiny_llama
-
-from drafters.base import Drafter, drafter_class
-from drafters.target import Target, TargetIdentity
-from training.datamodule import DistillDataModule
-from training.features import FeatureSource
-from training.module import DrafterModule
-from training.pipeline import checkpoint_callbacks
-from training.settings import TrainSettings
-from training.strategies import trainer_arguments
+from draftsmith.drafters.base import Drafter, drafter_class
+from draftsmith.drafters.target import Target, TargetIdentity
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.features import FeatureSource
+from draftsmith.training.module import DrafterModule
+from draftsmith.training.pipeline import checkpoint_callbacks
+from draftsmith.training.settings import TrainSettings
+from draftsmith.training.strategies import trainer_arguments
 
 VOCAB = 128
 

@@ -7,19 +7,18 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from drafters.errors import DraftsmithError
-from drafters.trees import (
+from draftsmith.drafters.base import LossOutput
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.rank_trees import (
     MEDUSA_VICUNA7B_TOP1,
     build_tree,
     compile_tree,
     max_tree_nodes,
     prior_rank_acc,
-    rank_acc_from_counts,
     tree_draft,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def path_value(rank_acc: list[list[float]], path: tuple[int, ...]) -> float:
@@ -106,6 +105,8 @@ def test_prior_follows_the_paper_accuracies_and_a_geometric_rank_decay() -> None
     assert max_tree_nodes(4, 10) == 11110
 
 
-def test_rank_acc_from_counts() -> None:
+def test_loss_output_rank_accuracy() -> None:
     hits = torch.tensor([[3.0, 1.0], [0.0, 0.0]])
-    assert rank_acc_from_counts(hits, torch.tensor([4.0, 0.0])) == [[0.75, 0.25], [0.0, 0.0]]
+    out = LossOutput(loss=torch.tensor(0.0), hits=hits, counts=torch.tensor([4.0, 0.0]))
+    assert out.rank_accuracy() == [[0.75, 0.25], [0.0, 0.0]]
+    assert out.top1().tolist() == [0.75, 0.0]

@@ -7,12 +7,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target
+from draftsmith.training.export import Exporter
+from draftsmith.training.report import print_acceptance
 from rich.console import Console
-
-from drafters.errors import DraftsmithError
-from drafters.target import Target
-from training.export import Exporter
-from training.report import print_acceptance
 
 KEEP_MODES = ("best", "last")
 
@@ -70,7 +69,7 @@ class AcceptanceEval(L.Callback):
         if adapter is None:
             return None
         if self.original is None:
-            from eval.drift import greedy_turns
+            from draftsmith.eval.drift import greedy_turns
 
             with adapter.disable_adapter():
                 self.original = greedy_turns(self.target, self.questions, self.max_new_tokens)
@@ -87,7 +86,7 @@ class AcceptanceEval(L.Callback):
         """Decode the questions with ``drafter`` (default: the module's) on ``target`` (default: this callback's)
         with this callback's settings, in eval mode, without touching the global RNG; a Medusa-2 module's
         summary carries the drift from the original target."""
-        from eval.runner import evaluate
+        from draftsmith.eval.runner import evaluate
 
         target = self.target if target is None else target
         drafter = pl_module.drafter if drafter is None else drafter

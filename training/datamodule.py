@@ -8,10 +8,9 @@ import datasets
 import lightning as L
 import pyarrow.compute as pc
 import torch
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.training.sampling import BucketBatchSampler, ResumableDataLoader
 from torch.utils.data import DataLoader, Dataset
-
-from drafters.errors import DraftsmithError
-from training.sampling import BucketBatchSampler, ResumableDataLoader
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
 

@@ -9,14 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from draftsmith.drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
+from draftsmith.drafters.target import TargetIdentity
+from draftsmith.eval.report import drift_sentence
+from draftsmith.training.report import markdown_table
 from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
 from torch import nn
-
-from drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
-from drafters.target import TargetIdentity
-from eval.report import drift_sentence
-from training.report import markdown_table
 
 
 def _base_model(identity: TargetIdentity, target_source: str | None) -> str | None:
@@ -81,8 +80,8 @@ output of greedy decoding is the target's own.
 ## Use
 
 ```python
-from drafters.base import Drafter
-from drafters.target import load_target
+from draftsmith.drafters.base import Drafter
+from draftsmith.drafters.target import load_target
 
 target = load_target("{identity.name}")
 drafter = Drafter.from_pretrained("PATH_OR_HUB_ID", target=target.model,

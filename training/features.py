@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
+from draftsmith.drafters.base import TargetNeeds
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
-
-from drafters.base import TargetNeeds
 
 
 class FeatureSource(Protocol):
@@ -23,9 +22,11 @@ class OnlineFeatures:
         self.topk = topk
 
     def __call__(self, target: nn.Module, batch: dict[str, torch.Tensor], needs: TargetNeeds) -> dict[str, Any]:
-        from data.features import target_features
+        from draftsmith.data.features import target_features
 
         grad = any(param.requires_grad for param in target.parameters())
+        if not needs.any and not grad:  # the drafter reads nothing of the target: no forward to pay for
+            return {}
         return target_features(target, batch["input_ids"], batch["attention_mask"], needs, topk=self.topk, grad=grad)
 
 

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from draftsmith.drafters.base import TargetNeeds
+from draftsmith.drafters.errors import DraftsmithError
 from torch import nn
-
-from drafters.base import TargetNeeds
-from drafters.errors import DraftsmithError
 
 ONLINE_ONLY = (
     "the drafter adapts the target with LoRA (Medusa-2, lora_rank > 0), so its features must come from the live "
@@ -91,7 +90,7 @@ def self_distillation_kl(
     comes from a no-grad forward with the adapters disabled. Only those positions go through the LM head, which
     LoRA leaves untouched: projecting the whole batch onto the vocabulary would dominate the step's cost.
     """
-    from data.features import target_features
+    from draftsmith.data.features import target_features
 
     inside = batch["attention_mask"].bool()
     counted = inside[:, :-1] & inside[:, 1:] & batch["loss_mask"][:, 1:].bool()

@@ -12,21 +12,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from draftsmith.drafters.base import Drafter, LossOutput
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.eval.metrics import chain_tau
+from draftsmith.training import lora
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.features import FeatureSource, OnlineFeatures
+from draftsmith.training.rng import capture_rng, restore_rng
+from draftsmith.training.settings import TrainSettings
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
 
-from drafters.base import Drafter
-from drafters.errors import DraftsmithError
-from drafters.trees import rank_acc_from_counts
-from eval.metrics import chain_tau
-from training import lora
-from training.datamodule import DistillDataModule
-from training.features import FeatureSource, OnlineFeatures
-from training.rng import capture_rng, restore_rng
-from training.settings import TrainSettings
-
 TARGET_PREFIX = "target."
-TREE_FIELDS = ("tree", "tree_nodes", "rank_acc")
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, start: int = 0) -> float:
@@ -58,9 +55,8 @@ class DrafterModule(L.LightningModule):
     with the drafter and kept in checkpoints; its base weights stay frozen and out of checkpoints, and the loss
     adds ``distill_weight`` times the self-distillation KL to the original target.
 
-    Validation sums the drafter's ``topk_hits``/``n`` over the whole held-out split (across processes too),
-    logs exact per-position accuracies and, for drafters that decode with a tree, rebuilds their tree from
-    the measured per-rank accuracies.
+    Validation sums the drafter's `LossOutput` counts over the whole held-out split (across processes too),
+    logs exact per-position accuracies and hands the measured per-rank accuracies to ``drafter.calibrate``.
     """
 
     def __init__(
@@ -97,12 +93,13 @@ class DrafterModule(L.LightningModule):
         """The peft model whose adapters an export must carry (Medusa-2), else None."""
         return self.target if self.adapted else None
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _step(self, batch: dict[str, torch.Tensor]) -> LossOutput:
         features = self.features(self.target, batch, self.needs)
         out = self.drafter.loss(batch, features)
         if self.adapted:
-            out["kl"] = lora.self_distillation_kl(self.target, batch, features["hidden"][-1])
-            out["loss"] = out["loss"] + self.drafter.config.distill_weight * out["kl"]
+            kl = lora.self_distillation_kl(self.target, batch, features["hidden"][-1])
+            out.logs["kl"] = kl.detach()
+            out.loss = out.loss + self.drafter.config.distill_weight * kl
         return out
 
     # -- training ----------------------------------------------------------------------------
@@ -114,23 +111,23 @@ class DrafterModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
-        acc = out["acc"].detach().float()
-        self.log("train/loss", out["loss"].detach(), prog_bar=True)
+        acc = out.top1().detach().float()
+        self.log("train/loss", out.loss.detach(), prog_bar=True)
         self.log("train/tau_est", chain_tau(acc.tolist()), prog_bar=True)
-        if "kl" in out:
-            self.log("train/kl", out["kl"].detach())
+        for name, value in out.logs.items():
+            self.log(f"train/{name}", value)
         for k, value in enumerate(acc.tolist(), start=1):
             self.log(f"train/acc_top1/pos{k}", value)
-        if "topk_hits" in out:
-            topk = torch.tensor(rank_acc_from_counts(out["topk_hits"], out["n"])).sum(-1)
+        if out.hits.shape[-1] > 1:
+            topk = torch.tensor(out.rank_accuracy()).sum(-1)
             for k, value in enumerate(topk.tolist(), start=1):
-                self.log(f"train/acc_top{out['topk_hits'].shape[-1]}/pos{k}", value)
+                self.log(f"train/acc_top{out.hits.shape[-1]}/pos{k}", value)
         now = time.perf_counter()
         if self._last_step_end is not None:
             tokens = float(batch["attention_mask"].sum()) * self.trainer.world_size
             self.log("train/tokens_per_s", tokens / max(now - self._last_step_end, 1e-9), prog_bar=True)
         self._last_step_end = now
-        return out["loss"]
+        return out.loss
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -181,11 +178,11 @@ class DrafterModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self._step(batch)
-        weight = out["n"].detach().double()[0]
+        weight = out.counts.detach().double()[0]
         sums = {
-            "hits": out["topk_hits"].detach().double(),
-            "n": out["n"].detach().double(),
-            "loss": out["loss"].detach().double() * weight,
+            "hits": out.hits.detach().double(),
+            "n": out.counts.detach().double(),
+            "loss": out.loss.detach().double() * weight,
             "loss_weight": weight,
         }
         for key, value in sums.items():
@@ -200,7 +197,8 @@ class DrafterModule(L.LightningModule):
         }
         if float(totals["n"][0]) == 0:
             return
-        per_rank = torch.tensor(rank_acc_from_counts(totals["hits"], totals["n"]), dtype=torch.float64)
+        measured = LossOutput(loss=totals["loss"], hits=totals["hits"], counts=totals["n"])
+        per_rank = torch.tensor(measured.rank_accuracy(), dtype=torch.float64)
         top1, topk = per_rank[:, 0], per_rank.sum(-1)
         # every process holds the same totals already; sync_dist only averages equal values (and keeps
         # Lightning from warning about unsynchronised epoch metrics)
@@ -211,8 +209,8 @@ class DrafterModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=True)
         self.log("val/tau_est", chain_tau(top1.tolist()), prog_bar=True, sync_dist=True)
         self.val_rank_accuracy = per_rank.float().cpu()
-        if not self.trainer.sanity_checking and hasattr(self.drafter, "set_rank_accuracy"):
-            self.drafter.set_rank_accuracy(per_rank.tolist())
+        if not self.trainer.sanity_checking:
+            self.drafter.calibrate(per_rank.tolist())
 
     # -- checkpoints: drafter (and target adapters) only, plus what an exact resume needs ------
 
@@ -229,20 +227,19 @@ class DrafterModule(L.LightningModule):
         current = self.drafter.config.to_dict()
         # a field added since the checkpoint was written counts as its default, which keeps the old behaviour
         defaults = type(self.drafter.config)().to_dict()
-        # the measured tree changes during training; every other field must match the run being resumed
+        # measured fields change during training; every other field must match the run being resumed
+        measured = self.drafter.measured_fields
         differing = sorted(
             k
             for k in set(saved) | set(current)
-            if k not in TREE_FIELDS and saved.get(k, defaults.get(k)) != current.get(k)
+            if k not in measured and saved.get(k, defaults.get(k)) != current.get(k)
         )
         if saved and differing:
             raise DraftsmithError(
                 f"the checkpoint to resume has other drafter settings ({', '.join(differing)}): "
                 "set resume=false or use a new out= folder"
             )
-        if saved.get("tree") is not None and hasattr(self.drafter, "set_tree"):
-            self.drafter.config.rank_acc = saved.get("rank_acc")
-            self.drafter.set_tree(saved["tree"])
+        self.drafter.restore_measured({k: saved[k] for k in measured if k in saved})
         # the frozen target was left out on save; hand back its live weights so strict loading still checks the rest
         for key, value in self.target.state_dict().items():
             checkpoint["state_dict"].setdefault(TARGET_PREFIX + key, value)

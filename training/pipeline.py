@@ -9,22 +9,22 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from draftsmith import data
+from draftsmith.drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.target import Target, load_target
+from draftsmith.training.callbacks import AcceptanceEval, check_keep
+from draftsmith.training.datamodule import DistillDataModule
+from draftsmith.training.export import Exporter
+from draftsmith.training.features import CachedFeatures, FeatureSource, OnlineFeatures
+from draftsmith.training.lora import adapts_target, check_online
+from draftsmith.training.module import DrafterModule, frozen_target_expected
+from draftsmith.training.report import print_acceptance
+from draftsmith.training.settings import TrainSettings
+from draftsmith.training.strategies import trainer_arguments
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
-
-from drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
-from drafters.errors import DraftsmithError
-from drafters.target import Target, load_target
-from training.callbacks import AcceptanceEval, check_keep
-from training.datamodule import DistillDataModule
-from training.export import Exporter
-from training.features import CachedFeatures, FeatureSource, OnlineFeatures
-from training.lora import adapts_target, check_online
-from training.module import DrafterModule, frozen_target_expected
-from training.report import print_acceptance
-from training.settings import TrainSettings
-from training.strategies import trainer_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +39,14 @@ def drafter_config(values: Any) -> DrafterConfig:
         raise DraftsmithError(f"drafter config: {err}") from None
 
 
-def build_drafter(values: Any, target: Target) -> Drafter:
-    """A fresh drafter from the `drafter` config group, bound to the target's shared modules."""
+def build_drafter(values: Any, target: Target, pretrained: bool = True) -> Drafter:
+    """A fresh drafter from the `drafter` config group, bound to the target's shared modules and, with
+    ``drafter.init_from`` set and ``pretrained``, started from those weights (`Drafter.init_weights`)."""
     config = drafter_config(values)
     drafter = drafter_class(config.kind)(config)
     drafter.bind(target.model)
+    if pretrained and config.init_from:
+        drafter.init_weights(str(config.init_from), target.model)
     return drafter
 
 
@@ -56,7 +59,7 @@ def resolve_path(path: str | Path) -> Path:
 def load_eval_questions(eval_cfg: Any) -> list[Any]:
     """The acceptance-eval questions (``eval.questions``, null = eval's default set): ``eval.limit`` of them,
     round-robin over the categories."""
-    from eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
+    from draftsmith.eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
 
     path = eval_cfg.get("questions")
     questions = load_questions(resolve_path(path) if path else DEFAULT_QUESTIONS)
@@ -70,7 +73,7 @@ def feature_source(settings: TrainSettings, data_dir: Path, data_cfg: Any, draft
         return OnlineFeatures(topk=topk)
     if not OmegaConf.select(data_cfg, "features.enabled", default=False):
         raise DraftsmithError("trainer.features=cache needs data.features.enabled=true (to build the feature cache)")
-    from data.features import FeatureCache, cache_folder
+    from draftsmith.data.features import FeatureCache, cache_folder
 
     needs = drafter.target_needs()
     layers = tuple(int(layer) for layer in OmegaConf.select(data_cfg, "features.layers", default=[-1]))
@@ -137,7 +140,6 @@ def progress_bar() -> RichProgressBar | TQDMProgressBar:
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Train, export, evaluate and (if asked) publish; returns the final evaluation summary on rank 0."""
-    import data
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -228,7 +230,7 @@ def finish(
         drafter = module.drafter
         if zero3:
             target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
-            drafter = build_drafter(cfg.drafter, target)
+            drafter = build_drafter(cfg.drafter, target, pretrained=False)
             zero3_drafter(out / "checkpoints" / "last.ckpt", drafter)
         if acceptance.questions:
             summary = acceptance.measure(module, out / "eval", target=target, drafter=drafter)
@@ -237,7 +239,7 @@ def finish(
         print_acceptance(summary, f"{cfg.recipe_name}: acceptance of {out / 'export'}")
     repo_id = OmegaConf.select(cfg, "publish.repo_id")
     if repo_id:
-        from training.publish import publish
+        from draftsmith.training.publish import publish
 
         url = publish(out / "export", str(repo_id), private=bool(cfg.publish.private))
         print(f"published {out / 'export'} to {url}")

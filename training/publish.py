@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from draftsmith.drafters.errors import DraftsmithError
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
-
-from drafters.errors import DraftsmithError
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
 

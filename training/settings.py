@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from drafters.errors import DraftsmithError
+from draftsmith.drafters.errors import DraftsmithError
 
 STRATEGIES = ("auto", "ddp", "deepspeed")
 FEATURE_MODES = ("online", "cache")

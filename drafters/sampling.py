@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from drafters.errors import DraftsmithError
+from draftsmith.drafters.errors import DraftsmithError
 
 
 @dataclass(frozen=True)

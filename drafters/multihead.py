@@ -1,5 +1,7 @@
-"""Building blocks shared by the multi-head drafters (Medusa, Amphista): the Medusa head, the weights
-they borrow from the frozen target, and their common training loss."""
+"""What the multi-head drafters (Medusa, Amphista) share: their config fields, the Medusa head, the weights
+they borrow from the frozen target, their training loss, and `MultiHeadDrafter`, the base that binds,
+trains and proposes for both. A kind only says what each head reads: `head_inputs` in training,
+`root_head_inputs` while decoding."""
 
 from __future__ import annotations
 
@@ -9,10 +11,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, LossOutput, TargetNeeds
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
 from torch import nn
-
-from drafters.base import DrafterConfig, TargetNeeds
-from drafters.errors import DraftsmithError
 
 
 @dataclass
@@ -171,6 +173,97 @@ class VocabHeads(nn.Module):
         return logits if bias is None else logits + bias
 
 
+class MultiHeadDrafter(TreeMixin, Drafter):
+    """K heads over per-position features; head k (1-based) at position t guesses token t+k+1. Candidates:
+    each head's top-``tree_topk`` at the root's position, hung in the rank-path tree of `rank_trees`."""
+
+    config: MultiHeadConfig
+    measured_fields = ("tree", "tree_nodes", "rank_acc")
+
+    def __init__(self, config: MultiHeadConfig) -> None:
+        super().__init__(config)
+        self.borrowed = Borrowed()
+        self.built = False
+        if config.hidden_size is not None and (config.share_lm_head or config.vocab_size is not None):
+            self._build()
+        self.draft_tree()
+
+    def _build(self) -> None:
+        """Create the modules, ``self.heads`` among them, once the sizes are known; set ``self.built``."""
+        raise NotImplementedError
+
+    def borrow(self, target: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Borrow what this kind needs of the target besides its LM head (e.g. its input embeddings)."""
+
+    def head_inputs(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every head's input ``[B, T', K, H]`` per position (T' <= T) from the target's last hidden state."""
+        raise NotImplementedError
+
+    def root_head_inputs(self, state: DecodeState) -> torch.Tensor:
+        """Every head's input ``[K, H]`` at the position that produced the root token."""
+        raise NotImplementedError
+
+    def target_needs(self) -> TargetNeeds:
+        return self.config.target_needs()
+
+    def bind(self, target: nn.Module) -> None:
+        weight = borrow_lm_head(self.borrowed, target)
+        self.borrow(target)
+        vocab, hidden = weight.shape
+        self.config.adopt_target_sizes(vocab, hidden)
+        if not self.built:
+            self._build()
+            self.to(weight.device)
+        self.heads.init_copies(weight)
+
+    def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        param = next(self.parameters(), None) if self.built else None
+        if param is None:
+            raise DraftsmithError(
+                f"the {self.config.kind} drafter is not built yet: call drafter.bind(target_model) first"
+            )
+        bias = self.borrowed.get("lm_head_bias", param.device, param.dtype) if "lm_head_bias" in self.borrowed else None
+        return self.borrowed.get("lm_head", param.device, param.dtype), bias
+
+    def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> LossOutput:
+        lm_head, bias = self._lm_head()
+        hidden, target_logits = check_batch(batch, features, self.config)
+        inputs = self.head_inputs(hidden.to(lm_head.dtype), batch)
+
+        def head_logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self.heads.head_logits(k - 1, inputs[rows, positions, k - 1], lm_head, bias)
+
+        c = self.config
+        return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
+
+    @torch.no_grad()
+    def draft_logits(self, state: DecodeState) -> torch.Tensor:
+        """Every head's logits ``[K, V]`` at the position that produced the root token."""
+        lm_head, bias = self._lm_head()
+        return self.heads.all_logits(self.root_head_inputs(state).to(lm_head.dtype), lm_head, bias)
+
+    def propose(self, state: DecodeState) -> Draft:
+        if state.hidden[-1].shape[0] == 0:
+            return Draft.empty()
+        tree = self.draft_tree()
+        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
+        return tree_draft(tree, topk_tokens.cpu())  # the engine keeps its token buffer on the CPU
+
+    def calibrate(self, rank_accuracy: list[list[float]]) -> None:
+        self.set_rank_accuracy(rank_accuracy)
+
+    def restore_measured(self, values: dict[str, Any]) -> None:
+        self.config.rank_acc = values.get("rank_acc")
+        if values.get("tree") is not None:
+            self.set_tree(values["tree"])
+
+    def set_draft_size(self, nodes: int) -> None:
+        self.resize_tree(nodes)
+
+    def draft_shape(self) -> dict[str, Any]:
+        return {"tree_nodes": len(self.draft_tree().paths)}
+
+
 def check_batch(
     batch: dict[str, torch.Tensor], features: dict[str, Any], config: MultiHeadConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,7 +292,7 @@ def multi_head_loss(
     decay: float,
     topk: int,
     target_logits: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
+) -> LossOutput:
     """``sum_k decay**(k-1) * L_k`` where L_k is head k's mean loss over its counted positions.
 
     Head k (1-based) at position t predicts token t+k+1. Position t counts for head k when that label
@@ -207,7 +300,7 @@ def multi_head_loss(
     ``head_logits(k, b, t)`` gives head k's logits ``[N, V]`` at batch rows b and positions t.
     L_k is cross-entropy on the label tokens, or, with ``target_logits [B, T, V]``, KL(target || head)
     where the target's distribution for token t+k+1 comes from its logits at position t+k.
-    Also returns ``acc [K]`` (top-1), ``topk_hits [K, R]`` (label found at rank r) and ``n [K]``.
+    The `LossOutput` counts, per head, the labels found at each of the top-``topk`` ranks.
     """
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"].bool()
     inside = batch["attention_mask"].bool()
@@ -233,5 +326,4 @@ def multi_head_loss(
         hit = (top == labels[:, None]).sum(0).float()
         hits.append(F.pad(hit, (0, topk - ranks)))
         counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
-    topk_hits, n = torch.stack(hits), torch.stack(counts)
-    return {"loss": torch.stack(terms).sum(), "acc": topk_hits[:, 0] / n.clamp_min(1), "topk_hits": topk_hits, "n": n}
+    return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from drafters.chat_templates import NAMED_TEMPLATES
-from drafters.errors import DraftsmithError
+from draftsmith.drafters.chat_templates import NAMED_TEMPLATES
+from draftsmith.drafters.errors import DraftsmithError
 
 SENTINEL = "\x1eDRAFTSMITH-ANSWER\x1e"
 

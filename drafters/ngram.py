@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
-from drafters.errors import DraftsmithError
-from eval.draft_feedback import ChainFeedback
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
+from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.feedback import ChainFeedback
 
 
 @dataclass

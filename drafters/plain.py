@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
 
 
 @dataclass
