@@ -14,6 +14,9 @@ import statistics
 import time
 
 import torch
+from rich.console import Console
+from rich.table import Table
+
 from draftsmith.drafters.chat import ChatTemplate
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.drafters.plain import PlainDrafter
@@ -21,8 +24,6 @@ from draftsmith.drafters.target import load_target
 from draftsmith.eval.engine import Generation, SpeculativeDecoder
 from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
 from draftsmith.eval.runner import evaluate
-from rich.console import Console
-from rich.table import Table
 
 
 def engine_vs_generate(

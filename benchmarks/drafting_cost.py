@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
 from draftsmith.drafters.base import DecodeState
 from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter

@@ -15,13 +15,14 @@ import time
 from dataclasses import replace
 
 import torch
+from tqdm import tqdm
+
 from draftsmith.data.config import DataConfig, SynthConfig
 from draftsmith.data.prompts import Conversation, load_prompts
 from draftsmith.data.regenerate import regenerate
 from draftsmith.data.synth import synthesize_prompts
 from draftsmith.drafters.chat import ChatTemplate
 from draftsmith.drafters.target import Target, load_target
-from tqdm import tqdm
 
 
 def answers_of(rows: list[dict]) -> dict[str, list[int]]:

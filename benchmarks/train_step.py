@@ -21,6 +21,10 @@ from typing import Any
 import datasets
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
 from draftsmith.drafters.base import drafter_class
 from draftsmith.drafters.errors import DraftsmithError, one_line_errors
 from draftsmith.training.datamodule import DistillDataModule
@@ -28,9 +32,6 @@ from draftsmith.training.module import DrafterModule, frozen_target_expected
 from draftsmith.training.pipeline import REPO_ROOT, drafter_config
 from draftsmith.training.settings import TrainSettings
 from draftsmith.training.strategies import trainer_arguments
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 # (hidden, layers, attention heads, key/value heads, MLP width, vocabulary): the targets' config.json values
 SHAPES = {

@@ -14,6 +14,8 @@ from typing import Any
 
 import datasets
 import torch
+from tqdm import tqdm
+
 from draftsmith.data.config import DataConfig
 from draftsmith.data.prompts import Conversation, load_prompts, prompts_hash
 from draftsmith.data.regenerate import regenerate
@@ -22,7 +24,6 @@ from draftsmith.data.synth import synthesize_prompts, write_unseen_questions
 from draftsmith.drafters.base import TargetNeeds
 from draftsmith.drafters.chat import resolve_template
 from draftsmith.drafters.target import Target, cache_root
-from tqdm import tqdm
 
 
 def resolve_prompts(cfg: DataConfig, target: Target) -> list[Conversation]:

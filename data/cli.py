@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hydra
+from omegaconf import DictConfig
+
 from draftsmith.data.build import build_distilled
 from draftsmith.data.store import read_manifest
 from draftsmith.drafters.errors import one_line_errors
 from draftsmith.drafters.target import load_target
-from omegaconf import DictConfig
 
 
 def run(cfg: DictConfig) -> None:

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
 from draftsmith.data.store import load_distilled, read_manifest
 from draftsmith.drafters.base import TargetNeeds
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import Target
-from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 FEATURES_MANIFEST = "features.json"
 CACHE_BATCH_ROWS = 8

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from draftsmith.data.config import DataConfig
 from draftsmith.data.prompts import Conversation
 from draftsmith.drafters.chat import ChatTemplate

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+
 from draftsmith.drafters.errors import DraftsmithError
 
 FORMAT = "draftsmith-data"

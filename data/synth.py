@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
 from draftsmith.data.config import DataConfig, SynthConfig
 from draftsmith.data.prompts import Conversation
 from draftsmith.drafters.chat import SENTINEL, ChatTemplate
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import Target, cache_root
-from tqdm import tqdm
 
 MIN_CHARS = 12
 MIN_LETTERS = 6

@@ -39,10 +39,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from draftsmith.drafters.base import DecodeState, register
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.multihead import MultiHeadConfig, MultiHeadDrafter, VocabHeads
-from torch import nn
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 

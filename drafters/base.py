@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+from torch import nn
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.sampling import SamplingConfig
-from torch import nn
 
 if TYPE_CHECKING:
     from draftsmith.drafters.target import Target

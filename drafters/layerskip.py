@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
 from draftsmith.drafters.base import Decoder, DecodeState, Draft, Drafter, DrafterConfig, register
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.feedback import ChainFeedback
 from draftsmith.drafters.sampling import warp
 from draftsmith.drafters.target import Target, TargetIdentity, cache_root
-from torch import nn
-from tqdm.auto import tqdm
 
 
 @dataclass

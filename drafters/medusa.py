@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+
 from draftsmith.drafters.base import DecodeState, register
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.multihead import MultiHeadConfig, MultiHeadDrafter, VocabHeads

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, LossOutput, TargetNeeds
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
-from torch import nn
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, register
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.feedback import ChainFeedback

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
 from draftsmith.drafters.base import Draft
 from draftsmith.drafters.errors import DraftsmithError
 

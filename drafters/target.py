@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
 from draftsmith.drafters.chat_templates import NAMED_TEMPLATES
 from draftsmith.drafters.errors import DraftsmithError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 PRESETS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "target"
 DEFAULT_TARGET = "smollm2-135m-instruct"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from draftsmith.drafters.base import Draft
 from draftsmith.drafters.errors import DraftsmithError
 

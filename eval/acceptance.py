@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from draftsmith.drafters.base import Draft
 from draftsmith.drafters.sampling import SamplingConfig, warp
 from draftsmith.drafters.trees import TreeLayout

@@ -9,9 +9,10 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
-from draftsmith.drafters.errors import DraftsmithError, one_line_errors
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from draftsmith.drafters.errors import DraftsmithError, one_line_errors
 
 PRIMARY_CONFIG = resources.files("draftsmith.recipes") / "eval.yaml"
 # Served from the ConfigStore rather than the recipes/ search path: there `drafter` and `target` are config
@@ -29,6 +30,7 @@ def run(cfg: DictConfig) -> dict:
             raise DraftsmithError(f"limit must be >= 1 (or null for all), got {cfg.limit}")
         questions = questions[: int(cfg.limit)]
     import torch
+
     from draftsmith.drafters.target import load_target
     from draftsmith.eval.drift import greedy_turns
     from draftsmith.eval.loading import adapt_target, carries_adapter, load_drafter

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+
 from draftsmith.drafters.chat import ChatTemplate
 from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.drafters.target import Target
 from draftsmith.eval.engine import SpeculativeDecoder, eos_token_ids
 from draftsmith.eval.questions import Dialogue, Question
-from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedModel
+
 from draftsmith.drafters import trees as tree
 from draftsmith.drafters.base import DecodeState, Drafter, UsesDecoder
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.sampling import SamplingConfig, warp
 from draftsmith.eval import acceptance
 from draftsmith.eval.kvcache import RollbackCache
-from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ hides and the next forward overwrites.
 from __future__ import annotations
 
 import torch
-from draftsmith.drafters.errors import DraftsmithError
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
+
+from draftsmith.drafters.errors import DraftsmithError
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<5.25"  # keep equal to pyproject.toml's pin
 

@@ -18,6 +18,7 @@ from draftsmith.drafters.conversations import Conversation, read_conversations
 
 if TYPE_CHECKING:
     import torch
+
     from draftsmith.drafters.base import Drafter
     from draftsmith.eval.engine import Generation, SpeculativeDecoder
 

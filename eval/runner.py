@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
 from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.chat import ChatTemplate
 from draftsmith.drafters.errors import DraftsmithError
@@ -18,7 +20,6 @@ from draftsmith.eval.drift import Turn, adapter_drift
 from draftsmith.eval.engine import Generation, SpeculativeDecoder, eos_token_ids
 from draftsmith.eval.questions import Dialogue, Question
 from draftsmith.eval.summary import summarize
-from tqdm.auto import tqdm
 
 
 def _turn_pair(

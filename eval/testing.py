@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from transformers import PreTrainedModel
+
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig
 from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.eval.engine import SpeculativeDecoder
-from transformers import PreTrainedModel
 
 
 def assert_lossless_greedy(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from draftsmith.drafters.target import Target, TargetIdentity, load_target
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from draftsmith.drafters.target import Target, TargetIdentity, load_target
 
 torch.set_num_threads(2)
 

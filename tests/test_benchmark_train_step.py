@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from draftsmith.drafters.errors import DraftsmithError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from draftsmith.data import FeatureCache, build_distilled, load_distilled, target_features, write_feature_cache
 from draftsmith.drafters.base import TargetNeeds
 from draftsmith.drafters.errors import DraftsmithError

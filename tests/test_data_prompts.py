@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+
 from draftsmith.data.config import DataConfig
 from draftsmith.data.prompts import Conversation, load_prompts, prompts_hash
 from draftsmith.data.synth import _read_batches, first_line

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from draftsmith.data import build_distilled, load_distilled, read_manifest
 from draftsmith.data.config import DataConfig
 from draftsmith.data.prompts import Conversation

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_llama
+
 from draftsmith.data import load_distilled, read_manifest
 from draftsmith.drafters.target import Target
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from draftsmith.data.config import DataConfig, SynthConfig
 from draftsmith.data.synth import synthesize_prompts, user_header, write_unseen_questions
 from draftsmith.drafters.chat import ChatTemplate

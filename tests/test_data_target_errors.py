@@ -7,6 +7,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import load_target
 

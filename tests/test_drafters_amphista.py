@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from safetensors.torch import load_file
+
 from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
 from draftsmith.drafters.base import DecodeState, Drafter
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
-from safetensors.torch import load_file
 
 HEADS = 3
 

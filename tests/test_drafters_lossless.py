@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
+
 from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
 from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
 from draftsmith.drafters.amphista import AmphistaDrafter
 from draftsmith.drafters.base import DecodeState, Drafter, drafter_class
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
 from draftsmith.drafters.rank_trees import build_tree, max_tree_nodes
-from omegaconf import OmegaConf
-from safetensors.torch import load_file
 
 HEADS = 3
 

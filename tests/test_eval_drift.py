@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.drafters.target import Target
 from draftsmith.eval.drift import adapter_drift, greedy_turns

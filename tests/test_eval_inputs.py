@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_llama
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.drafters.sampling import SamplingConfig

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_llama
+from transformers.cache_utils import StaticLayer
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.eval.kvcache import SUPPORTED_TRANSFORMERS, RollbackCache, check_cache_internals
-from transformers.cache_utils import StaticLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 

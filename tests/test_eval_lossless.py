@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from draftsmith.drafters.base import DecodeState, Draft, TargetNeeds
 from draftsmith.drafters.layerskip import LayerSkipConfig, LayerSkipDrafter
 from draftsmith.drafters.ngram import NgramConfig, NgramDrafter
 from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.eval.engine import SpeculativeDecoder
 from draftsmith.eval.testing import RandomTreeConfig, RandomTreeDrafter, assert_lossless_greedy
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

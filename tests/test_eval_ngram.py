@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from draftsmith.drafters.base import DecodeState
 from draftsmith.drafters.ngram import NgramConfig, NgramDrafter
 

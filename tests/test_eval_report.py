@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.eval import metrics
 from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions

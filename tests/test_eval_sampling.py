@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_llama
+from scipy.stats import chisquare
+
 from draftsmith.drafters import trees as tree
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig
 from draftsmith.drafters.sampling import SamplingConfig, warp
 from draftsmith.eval import acceptance
 from draftsmith.eval.engine import SpeculativeDecoder
-from scipy.stats import chisquare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import TargetSpec, cache_root, load_target, tokenizer_hash
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-import draftsmith.eval.runner
 import pytest
+from test_training_support import tiny_drafter, tiny_target
+from torch import nn
+
+import draftsmith.eval.runner
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.training.callbacks import AcceptanceEval
 from draftsmith.training.export import Exporter
-from test_training_support import tiny_drafter, tiny_target
-from torch import nn
 
 
 class RecordingLogger:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training_support import tiny_rows
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.training.datamodule import DistillDataModule, PadCollator, held_out_split
 from draftsmith.training.sampling import BucketBatchSampler
-from test_training_support import tiny_rows
 
 
 def test_batches_are_padded_masked_and_truncated():

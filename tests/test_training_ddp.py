@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import torch
+from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
+
 from draftsmith.training.datamodule import DistillDataModule
 from draftsmith.training.features import OnlineFeatures
-from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
 
 REPO = Path(__file__).resolve().parents[1]
 # 6 held-out rows in batches of 2: 3 validation batches, so one process also gets an empty padding batch

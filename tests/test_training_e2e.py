@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from draftsmith.drafters.base import Drafter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
+from test_training_support import tiny_drafter, tiny_target
+
 from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.training.export import write_export
 from draftsmith.training.report import acceptance_rows
-from huggingface_hub import ModelCard
-from test_training_support import tiny_drafter, tiny_target
 
 SUMMARY = {
     "drafter": "medusa",

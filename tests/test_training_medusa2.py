@@ -9,13 +9,20 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-import draftsmith.eval.drift
 import huggingface_hub
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from huggingface_hub.utils import filter_repo_objects
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from test_training_resume import KillAtStep, Killed
+from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
+
+import draftsmith.eval.drift
 from draftsmith.drafters.errors import DraftsmithError, one_line_errors
 from draftsmith.drafters.medusa import MedusaConfig
 from draftsmith.drafters.plain import PlainDrafter
@@ -31,12 +38,6 @@ from draftsmith.training.features import CachedFeatures
 from draftsmith.training.lora import self_distillation_kl
 from draftsmith.training.module import DrafterModule
 from draftsmith.training.pipeline import check_adapted_target, finish, run
-from huggingface_hub.utils import filter_repo_objects
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-from safetensors.torch import load_file
-from test_training_resume import KillAtStep, Killed
-from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

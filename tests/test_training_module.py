@@ -7,6 +7,9 @@ import warnings
 
 import pytest
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
+
 from draftsmith.data.features import FeatureCache, cache_folder, write_feature_cache
 from draftsmith.data.store import FORMAT, ShardStore, shard_entry
 from draftsmith.drafters.base import TargetNeeds
@@ -15,8 +18,6 @@ from draftsmith.eval.metrics import chain_tau
 from draftsmith.training.datamodule import DistillDataModule
 from draftsmith.training.features import CachedFeatures, OnlineFeatures
 from draftsmith.training.module import DrafterModule, frozen_target_expected
-from lightning.fabric.utilities.warnings import PossibleUserWarning
-from test_training_support import settings, tiny_drafter, tiny_fit, tiny_rows, tiny_target
 
 
 def test_chain_tau_formula():
@@ -121,8 +122,9 @@ def test_a_drafter_without_trainable_weights_is_refused():
 
 
 def test_cache_mode_without_a_cache_is_a_clear_error(tmp_path):
-    from draftsmith.training.pipeline import feature_source
     from omegaconf import OmegaConf
+
+    from draftsmith.training.pipeline import feature_source
 
     target = tiny_target()
     drafter = tiny_drafter(target)

@@ -7,10 +7,11 @@ import socket
 import threading
 
 import pytest
+from test_training_support import tiny_drafter, tiny_target
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.training.export import write_export
 from draftsmith.training.publish import publish
-from test_training_support import tiny_drafter, tiny_target
 
 
 @pytest.fixture()

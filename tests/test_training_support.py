@@ -13,6 +13,7 @@ import datasets
 import lightning as L
 import torch
 from conftest import tiny_llama
+
 from draftsmith.drafters.base import Drafter, drafter_class
 from draftsmith.drafters.target import Target, TargetIdentity
 from draftsmith.training.datamodule import DistillDataModule

@@ -7,6 +7,9 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from draftsmith.drafters.base import LossOutput
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import (
@@ -17,8 +20,6 @@ from draftsmith.drafters.rank_trees import (
     prior_rank_acc,
     tree_draft,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def path_value(rank_acc: list[list[float]], path: tuple[int, ...]) -> float:

@@ -7,11 +7,12 @@ from typing import Any
 
 import lightning as L
 import torch
+from rich.console import Console
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import Target
 from draftsmith.training.export import Exporter
 from draftsmith.training.report import print_acceptance
-from rich.console import Console
 
 KEEP_MODES = ("best", "last")
 

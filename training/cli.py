@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hydra
-from draftsmith.drafters.errors import one_line_errors
 from omegaconf import DictConfig
+
+from draftsmith.drafters.errors import one_line_errors
 
 
 @hydra.main(version_base=None, config_path="pkg://draftsmith.recipes", config_name="config")

@@ -8,9 +8,10 @@ import datasets
 import lightning as L
 import pyarrow.compute as pc
 import torch
+from torch.utils.data import DataLoader, Dataset
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.training.sampling import BucketBatchSampler, ResumableDataLoader
-from torch.utils.data import DataLoader, Dataset
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
 

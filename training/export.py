@@ -9,13 +9,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import ModelCard, ModelCardData
+from omegaconf import OmegaConf
+from torch import nn
+
 from draftsmith.drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
 from draftsmith.drafters.target import TargetIdentity
 from draftsmith.eval.report import drift_sentence
 from draftsmith.training.report import markdown_table
-from huggingface_hub import ModelCard, ModelCardData
-from omegaconf import OmegaConf
-from torch import nn
 
 
 def _base_model(identity: TargetIdentity, target_source: str | None) -> str | None:

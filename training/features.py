@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from draftsmith.drafters.base import TargetNeeds
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
+
+from draftsmith.drafters.base import TargetNeeds
 
 
 class FeatureSource(Protocol):

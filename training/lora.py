@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from draftsmith.drafters.base import TargetNeeds
 from draftsmith.drafters.errors import DraftsmithError
-from torch import nn
 
 ONLINE_ONLY = (
     "the drafter adapts the target with LoRA (Medusa-2, lora_rank > 0), so its features must come from the live "

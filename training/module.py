@@ -12,6 +12,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
+from torch import nn
+
 from draftsmith.drafters.base import Drafter, LossOutput
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.eval.metrics import chain_tau
@@ -20,8 +23,6 @@ from draftsmith.training.datamodule import DistillDataModule
 from draftsmith.training.features import FeatureSource, OnlineFeatures
 from draftsmith.training.rng import capture_rng, restore_rng
 from draftsmith.training.settings import TrainSettings
-from lightning.fabric.utilities.warnings import PossibleUserWarning
-from torch import nn
 
 TARGET_PREFIX = "target."
 

@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
 from draftsmith import data
 from draftsmith.drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
 from draftsmith.drafters.errors import DraftsmithError
@@ -22,9 +26,6 @@ from draftsmith.training.module import DrafterModule, frozen_target_expected
 from draftsmith.training.report import print_acceptance
 from draftsmith.training.settings import TrainSettings
 from draftsmith.training.strategies import trainer_arguments
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

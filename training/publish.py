@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from draftsmith.drafters.errors import DraftsmithError
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
+
+from draftsmith.drafters.errors import DraftsmithError
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "README.md")
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from draftsmith.eval.report import drift_sentence
 from rich.console import Console
 from rich.table import Table
+
+from draftsmith.eval.report import drift_sentence
 
 
 def _row(name: str, values: dict[str, Any], depth: int) -> list[str]:

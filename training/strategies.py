@@ -12,9 +12,10 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.training.settings import TrainSettings
-from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 # Rank 0 runs the acceptance eval alone after each epoch while the other ranks wait in their next
 # collective: the default 30-minute process-group timeout is too short for a 7B model's eval.
