@@ -179,7 +179,6 @@ class MultiHeadDrafter(TreeMixin, Drafter):
     each head's top-``tree_topk`` at the root's position, hung in the rank-path tree of `rank_trees`."""
 
     config: MultiHeadConfig
-    measured_fields = ("tree", "tree_nodes", "rank_acc")
 
     def __init__(self, config: MultiHeadConfig) -> None:
         super().__init__(config)
@@ -249,20 +248,6 @@ class MultiHeadDrafter(TreeMixin, Drafter):
         tree = self.draft_tree()
         topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
         return tree_draft(tree, topk_tokens.cpu())  # the engine keeps its token buffer on the CPU
-
-    def calibrate(self, rank_accuracy: list[list[float]]) -> None:
-        self.set_rank_accuracy(rank_accuracy)
-
-    def restore_measured(self, values: dict[str, Any]) -> None:
-        self.config.rank_acc = values.get("rank_acc")
-        if values.get("tree") is not None:
-            self.set_tree(values["tree"])
-
-    def set_draft_size(self, nodes: int) -> None:
-        self.resize_tree(nodes)
-
-    def draft_shape(self) -> dict[str, Any]:
-        return {"tree_nodes": len(self.draft_tree().paths)}
 
 
 def check_batch(

@@ -143,12 +143,28 @@ def tree_draft(paths: Sequence[Sequence[int]] | CompiledTree, topk_tokens: torch
 
 
 class TreeMixin:
-    """The tree a multi-head drafter hangs its candidates in: ``config.tree`` if set, else the greedy tree of
-    ``config.tree_nodes`` nodes built from ``config.rank_acc`` (measured in training) or the prior
-    (`prior_rank_acc`)."""
+    """The tree a drafter with per-position candidates (multi-head, ParallelSpec) hangs them in:
+    ``config.tree`` if set, else the greedy tree of ``config.tree_nodes`` nodes built from ``config.rank_acc``
+    (measured in training) or the prior (`prior_rank_acc`). It implements the Drafter hooks for that tree:
+    ``calibrate`` rebuilds it from measured accuracies, ``set_draft_size`` resizes it."""
 
     config: Any
     _compiled_tree: CompiledTree | None = None
+    measured_fields = ("tree", "tree_nodes", "rank_acc")
+
+    def calibrate(self, rank_accuracy: list[list[float]]) -> None:
+        self.set_rank_accuracy(rank_accuracy)
+
+    def restore_measured(self, values: dict[str, Any]) -> None:
+        self.config.rank_acc = values.get("rank_acc")
+        if values.get("tree") is not None:
+            self.set_tree(values["tree"])
+
+    def set_draft_size(self, nodes: int) -> None:
+        self.resize_tree(nodes)
+
+    def draft_shape(self) -> dict[str, Any]:
+        return {"tree_nodes": len(self.draft_tree().paths)}
 
     def _checked_tree(self, paths: Sequence[Sequence[int]]) -> CompiledTree:
         compiled = compile_tree(paths)
