@@ -5,7 +5,7 @@ PIP := .venv/bin/pip
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 DEMO_OUT ?= outputs/demo
 
-.PHONY: venv demo test lint bench-target bench-data bench-eval bench-drafting bench-train clean
+.PHONY: venv demo test test-fast lint bench-target bench-data bench-eval bench-drafting bench-train clean
 
 venv: .venv/.installed
 
@@ -23,6 +23,10 @@ demo: venv
 test: venv
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -x --durations=15
+
+# The logic tier: tiny random models only, no real target (tests marked slow by tests/conftest.py); < 60 s on 2 cores.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -23,6 +23,7 @@ from draftsmith.data.store import FORMAT, FORMAT_VERSION, ShardStore, check_same
 from draftsmith.data.synth import synthesize_prompts, write_unseen_questions
 from draftsmith.drafters.base import TargetNeeds
 from draftsmith.drafters.chat import resolve_template
+from draftsmith.drafters.errors import DraftsmithError, writable_folder
 from draftsmith.drafters.target import Target, cache_root
 
 
@@ -99,6 +100,10 @@ def _generate_missing(
 def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) -> Path:
     """Generate (or continue, or reuse) the distillation data of ``cfg_data`` for ``target``; returns its folder."""
     cfg = DataConfig.from_mapping(cfg_data)
+    if cfg.out:  # before the slow steps: a file in the way fails at once
+        writable_folder(cfg.out, "data.out")
+    if cfg.unseen.out and Path(cfg.unseen.out).is_dir():
+        raise DraftsmithError(f"data.unseen.out={cfg.unseen.out} is a folder: pass the path of the .jsonl to write")
     write_unseen_questions(target, cfg)  # first: seconds, kept even if the regeneration below is interrupted
     conversations = resolve_prompts(cfg, target)
     identity = run_identity(cfg, target, conversations)
@@ -108,6 +113,8 @@ def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) ->
         manifest = store.read_manifest()
         if manifest is not None:
             check_same_run(manifest, identity, folder)
+            if not {s["index"] for s in manifest["shards"]} <= store.done_shards():
+                manifest["complete"] = False  # a listed shard folder is gone: regenerate it
         else:
             manifest = {
                 "format": FORMAT,

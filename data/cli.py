@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
 from draftsmith.data.build import build_distilled
 from draftsmith.data.store import read_manifest
-from draftsmith.drafters.errors import one_line_errors
+from draftsmith.drafters.errors import hydra_cli, one_line_errors
 from draftsmith.drafters.target import load_target
+from draftsmith.training.settings import store_schemas
+
+store_schemas()  # the recipes' schema (the same primary config as `python train.py`)
 
 
 def run(cfg: DictConfig) -> None:
@@ -24,7 +26,7 @@ def run(cfg: DictConfig) -> None:
         print(f"unseen questions: {unseen.count} synthesized prompts the data leaves out -> {unseen.out}")
 
 
-@hydra.main(version_base=None, config_path="pkg://draftsmith.recipes", config_name="config")
+@hydra_cli(version_base=None, config_path="pkg://draftsmith.recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         run(cfg)

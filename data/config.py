@@ -1,6 +1,7 @@
-"""The `data` config group (recipes/data/*.yaml) as typed, validated dataclasses.
+"""The `data` config group (recipes/data/*.yaml) as typed, validated dataclasses: its schema.
 
-A mistyped key or an impossible value ends in one DraftsmithError naming the key, before any model runs.
+Each key's type and default are declared here once (the group YAMLs state only what differs); a mistyped key or
+an impossible value ends in one DraftsmithError naming the key, before any model runs.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ def _is_int(value: Any) -> bool:
 class SynthConfig:
     """Magpie-style prompt synthesis: the target writes user prompts from its chat template alone."""
 
-    n: int = 400
+    n: int = 400  # prompts to synthesize (deduplicated)
     temperature: float = 1.0
     top_p: float = 0.95
     max_new_tokens: int = 48
-    batch_size: int = 32
+    batch_size: int = 32  # prompts sampled per generate call
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n > 0, "synth.n", "a positive integer", self.n)
@@ -85,7 +86,7 @@ class UnseenConfig:
     ``out`` as an eval question file: a held-out set from the same generator as the training prompts."""
 
     count: int = 32
-    out: str | None = None
+    out: str | None = None  # a JSONL path writes them there as an eval question file (`python -m eval questions=...`)
 
     def __post_init__(self) -> None:
         _check(_is_int(self.count) and self.count > 0, "unseen.count", "a positive integer", self.count)
@@ -98,7 +99,7 @@ class UnseenConfig:
 class FeaturesConfig:
     """Optional cache of target hidden states / top-k log-probs beside the data."""
 
-    enabled: bool = False
+    enabled: bool = False  # cache target hidden states / top-k log-probs beside the data
     layers: tuple[int, ...] = (-1,)
     topk: int = 0
 
@@ -111,24 +112,29 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Everything `build_distilled` reads. ``generation()`` is the part that decides the answers."""
+    """Everything `build_distilled` reads. ``generation()`` is the part that decides the answers.
 
-    prompts: str = "synth"
-    split: str = "train"
+    The defaults distill the embedded target's own synthesized prompts (Magpie-style, offline), answered by
+    the same target greedily; sized for a 2-core CPU."""
+
+    # "synth", a JSONL file (Spec-Bench `turns` or ShareGPT `conversations`), or a datasets name/folder; null
+    # (the ShareGPT recipes): not given yet, pass data.prompts=PATH
+    prompts: str | None = "synth"
+    split: str = "train"  # for a datasets source
     synth: SynthConfig = field(default_factory=SynthConfig)
-    limit: int | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    limit: int | None = None  # use at most this many conversations
+    max_new_tokens: int = 128  # per assistant turn
+    temperature: float = 0.0  # 0 = greedy regeneration
     top_p: float = 1.0
-    seed: int = 0
-    system_prompt: str | None = None
-    chat_template: str | None = None
+    seed: int = 0  # seeds synthesis and sampled regeneration (per shard, so a resumed run gives the same rows)
+    system_prompt: str | None = None  # null = the chat template's default system prompt
+    chat_template: str | None = None  # null = the tokenizer's own; "vicuna" or a Jinja template for one without
     batch_size: int = 32
-    shard_rows: int = 64
-    cache_implementation: str = "static"
-    out: str | None = None
+    shard_rows: int = 64  # rows per shard: the unit of resume
+    cache_implementation: str = "static"  # KV cache of the regeneration's generate calls: static or dynamic
+    out: str | None = None  # null = shared cache, keyed by target, prompts and generation settings
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
-    unseen: UnseenConfig = field(default_factory=UnseenConfig)
+    unseen: UnseenConfig = field(default_factory=UnseenConfig)  # held-out prompts: the `count` after the n used
 
     def __post_init__(self) -> None:
         if not isinstance(self.synth, SynthConfig):

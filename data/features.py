@@ -119,7 +119,7 @@ def write_feature_cache(
     }
     manifest_path = folder / FEATURES_MANIFEST
     if manifest_path.is_file():
-        existing = json.loads(manifest_path.read_text())
+        existing = _read_manifest(manifest_path)
         if {k: existing.get(k) for k in identity} != identity:
             raise DraftsmithError(f"{folder} was cached for another target, dtype or dataset; delete it to rebuild")
     pad_id = target.tokenizer.pad_token_id or 0
@@ -129,6 +129,9 @@ def write_feature_cache(
             {"file": f"shard-{entry['index']:05d}.safetensors", "start": start, "stop": start + entry["rows"]}
         )
         start += entry["rows"]
+    for shard in shards:  # a damaged shard is not kept as if it were whole
+        if (folder / shard["file"]).is_file():
+            _check_shard(folder / shard["file"])
     bar = tqdm(total=len(rows), desc="caching target features", unit="row")
     for shard in shards:
         path = folder / shard["file"]
@@ -168,6 +171,30 @@ def write_feature_cache(
     return folder
 
 
+REBUILD = "run again with data.features.enabled=true to rebuild it"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DraftsmithError(f"{path} is corrupt ({err}): delete the folder {path.parent} and {REBUILD}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards", []), list):
+        raise DraftsmithError(f"{path} is not a feature cache manifest: delete the folder {path.parent} and {REBUILD}")
+    return manifest
+
+
+def _check_shard(path: Path) -> None:
+    if not path.is_file():
+        raise DraftsmithError(f"feature cache shard {path} is missing: {REBUILD}")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise DraftsmithError(f"{path} is truncated or corrupt ({first}): delete it and {REBUILD}") from None
+
+
 class FeatureCache:
     """Read a feature cache: ``batch(rows, pad_to)`` equals ``target_features`` on the right-padded batch."""
 
@@ -179,9 +206,11 @@ class FeatureCache:
                 f"{self.directory} is not a feature cache (no {FEATURES_MANIFEST}); "
                 "build it with data.features.enabled=true"
             )
-        self.manifest = json.loads(path.read_text())
+        self.manifest = _read_manifest(path)
         if not self.manifest.get("complete"):
             raise DraftsmithError(f"feature cache {self.directory} is incomplete; run the data command again")
+        for shard in self.manifest["shards"]:  # headers only: a truncated file fails here, not mid-training
+            _check_shard(self.directory / shard["file"])
         self.layers = tuple(self.manifest["layers"])
         self.topk = int(self.manifest["topk"])
         self._handles: dict[str, Any] = {}

@@ -66,9 +66,16 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise DraftsmithError(
             f"{directory} is not a distillation data folder (no {MANIFEST}); build it with python -m data"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise DraftsmithError(f"{path} is not a draftsmith data manifest (format={manifest.get('format')!r})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DraftsmithError(
+            f"{path} is corrupt ({err}): delete it and run the same command again "
+            "(it rebuilds the manifest and keeps the shards already written)"
+        ) from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise DraftsmithError(f"{path} is not a draftsmith data manifest (format={found!r})")
     return manifest
 
 
@@ -159,10 +166,19 @@ def load_distilled(directory: str | Path, allow_incomplete: bool = False) -> dat
             f"{directory} is incomplete ({len(manifest.get('shards', []))} of {manifest.get('n_shards')} shards); "
             "run the same `python -m data ...` command again to finish it"
         )
-    parts = [
-        datasets.load_from_disk(str(directory / s["name"]))
-        for s in sorted(manifest["shards"], key=lambda s: s["index"])
-    ]
+    parts = [_load_shard(directory / s["name"]) for s in sorted(manifest["shards"], key=lambda s: s["index"])]
     if not parts:
         return datasets.Dataset.from_list([], features=ROW_FEATURES)
     return datasets.concatenate_datasets(parts)
+
+
+def _load_shard(path: Path) -> datasets.Dataset:
+    if not path.is_dir():
+        raise DraftsmithError(f"{path} is missing: run the same command again to regenerate that shard")
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets and arrow raise many types for a damaged folder
+        raise DraftsmithError(
+            f"{path} cannot be read ({type(err).__name__}): the shard is damaged; delete that folder and run the "
+            "same command again to regenerate it"
+        ) from None

@@ -349,6 +349,8 @@ def read_export_config(directory: Path) -> dict[str, Any]:
         raise DraftsmithError(
             f"{path} is not valid JSON ({err.msg} at line {err.lineno}); re-export the drafter"
         ) from None
+    except UnicodeDecodeError:
+        raise DraftsmithError(f"{path} is not UTF-8 text, so not an export's config; re-export the drafter") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
         raise DraftsmithError(f"{path} is not a draftsmith export (format={found!r})")

@@ -58,7 +58,9 @@ class TargetSpec:
         if preset.is_file():
             from omegaconf import OmegaConf
 
-            return cls.from_any(OmegaConf.to_container(OmegaConf.load(preset)))
+            values = OmegaConf.to_container(OmegaConf.load(preset))
+            values.pop("defaults", None)  # the preset's Hydra defaults list (base_target: this class as schema)
+            return cls.from_any(values)
         if Path(spec).is_dir():
             return cls(name=Path(spec).name, source=spec)
         if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:

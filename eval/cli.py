@@ -8,27 +8,32 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from draftsmith.drafters.errors import DraftsmithError, one_line_errors
+from draftsmith.drafters.errors import hydra_cli, one_line_errors, writable_folder
+from draftsmith.eval.config import EvalConfig
 
 PRIMARY_CONFIG = resources.files("draftsmith.recipes") / "eval.yaml"
 # Served from the ConfigStore rather than the recipes/ search path: there `drafter` and `target` are config
-# groups of the training recipes, and Hydra would read `drafter=ngram` as a group choice.
+# groups of the training recipes, and Hydra would read `drafter=ngram` as a group choice. Its keys, their
+# types and defaults are EvalConfig's (eval_schema, first in eval.yaml's defaults list); writable, although
+# EvalConfig is frozen, so that Hydra can merge the command line into it.
+SCHEMA = OmegaConf.structured(EvalConfig)
+OmegaConf.set_readonly(SCHEMA, None)
+ConfigStore.instance().store(name="eval_schema", node=SCHEMA)
 ConfigStore.instance().store(name="eval", node=OmegaConf.create(PRIMARY_CONFIG.read_text()))
 
 
-def run(cfg: DictConfig) -> dict:
+def run(cfg: DictConfig | EvalConfig) -> dict:
     from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
 
+    cfg = cfg if isinstance(cfg, EvalConfig) else EvalConfig.from_config(cfg)
     # questions first: a bad file is reported before the slow imports and the target load
     questions = load_questions(cfg.questions or DEFAULT_QUESTIONS)
     if cfg.limit is not None:
-        if int(cfg.limit) < 1:
-            raise DraftsmithError(f"limit must be >= 1 (or null for all), got {cfg.limit}")
-        questions = questions[: int(cfg.limit)]
+        questions = questions[: cfg.limit]
+    writable_folder(cfg.out, "out")
     import torch
 
     from draftsmith.drafters.target import load_target
@@ -37,29 +42,28 @@ def run(cfg: DictConfig) -> dict:
     from draftsmith.eval.runner import evaluate
 
     if cfg.threads is not None:
-        torch.set_num_threads(int(cfg.threads))
-    target = load_target(str(cfg.target))
-    tree_nodes = None if cfg.tree_nodes is None else int(cfg.tree_nodes)
-    drafter = load_drafter(str(cfg.drafter), target, tree_nodes=tree_nodes, merge_adapter=False)
+        torch.set_num_threads(cfg.threads)
+    target = load_target(cfg.target)
+    drafter = load_drafter(cfg.drafter, target, tree_nodes=cfg.tree_nodes, merge_adapter=False)
     original = None
     if carries_adapter(drafter):  # Medusa-2: the original target answers first, for the drift figures
-        original = greedy_turns(target, questions, int(cfg.max_new_tokens))
+        original = greedy_turns(target, questions, cfg.max_new_tokens)
         adapt_target(drafter, target)
     return evaluate(
         target,
         drafter,
         questions,
-        max_new_tokens=int(cfg.max_new_tokens),
+        max_new_tokens=cfg.max_new_tokens,
         temperature=float(cfg.temperature),
         top_p=float(cfg.top_p),
-        seed=int(cfg.seed),
+        seed=cfg.seed,
         out=Path(cfg.out),
-        drafter_name=str(cfg.drafter),
+        drafter_name=cfg.drafter,
         original=original,
     )
 
 
-@hydra.main(version_base="1.3", config_path=None, config_name="eval")
+@hydra_cli(version_base="1.3", config_path=None, config_name="eval")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
         summary = run(cfg)

@@ -4,11 +4,15 @@ else an export folder / Hub id."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+from safetensors import safe_open
+
 import draftsmith.drafters  # noqa: F401 - registers every drafter kind
-from draftsmith.drafters.base import ADAPTER_KEY, Drafter, Tunable, drafter_class, drafter_kinds
+from draftsmith.drafters.base import ADAPTER_KEY, Drafter, Tunable, drafter_class, drafter_kinds, resolve_export
 from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.engine_formats import is_speculators_checkpoint, load_speculators
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import Target
 from draftsmith.eval.engine import SpeculativeDecoder, eos_token_ids
@@ -62,8 +66,11 @@ def _load(name: str, target: Target) -> Drafter:
             decoder = SpeculativeDecoder(target.model, eos_ids=eos_token_ids(target.model, target.tokenizer))
             drafter.tune(decoder, tuning_prompts(target))
         return drafter
+    folder = resolve_export(name)
+    if is_speculators_checkpoint(folder):  # an EAGLE-3 trained elsewhere (speculators' format)
+        return load_speculators(folder, target.model).to(target.device).eval()
     try:
-        drafter = Drafter.from_pretrained(name, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
+        drafter = Drafter.from_pretrained(folder, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
     except FileNotFoundError as err:
         raise DraftsmithError(f"{err}, or a drafter kind: {', '.join(drafter_kinds())}") from None
     except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
@@ -74,10 +81,27 @@ def _load(name: str, target: Target) -> Drafter:
 
 
 def _check_adapter(drafter: Drafter) -> None:
-    """Refuse an export whose config names a target adapter that is not there, before any decoding."""
+    """Refuse an export whose config names a target adapter that is not there or is damaged, before any decoding."""
     folder = drafter.export_config.get(ADAPTER_KEY)
-    if folder and not (drafter.export_dir / folder / "adapter_config.json").is_file():
+    if not folder:
+        return
+    config = drafter.export_dir / folder / "adapter_config.json"
+    if not config.is_file():
         raise DraftsmithError(f"{drafter.export_dir}/config.json names the target adapter {folder}/, which is missing")
+    redo = "re-export the drafter or download it again"
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DraftsmithError(f"{config} is corrupt ({err}); {redo}") from None
+    weights = config.with_name("adapter_model.safetensors")
+    if not weights.is_file():
+        raise DraftsmithError(f"{weights} is missing: the export's target adapter is incomplete; {redo}")
+    try:
+        with safe_open(str(weights), framework="pt"):  # the header only: a truncated file fails here
+            pass
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise DraftsmithError(f"{weights} is truncated or corrupt ({first}); {redo}") from None
 
 
 def carries_adapter(drafter: Drafter) -> bool:
@@ -94,6 +118,12 @@ def adapt_target(drafter: Drafter, target: Target) -> None:
     path = drafter.export_dir / folder  # present: `_check_adapter` ran when the drafter was loaded
     from peft import PeftModel
 
-    target.model = PeftModel.from_pretrained(target.model, str(path)).merge_and_unload().eval()
+    try:
+        target.model = PeftModel.from_pretrained(target.model, str(path)).merge_and_unload().eval()
+    except (ValueError, KeyError, RuntimeError) as err:  # e.g. an adapter for other modules or shapes
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DraftsmithError(
+            f"the target adapter {path} does not fit the target ({first}); re-export the drafter"
+        ) from None
     # reports name the model that was measured; the weights hash stays the base target's, which exports record
     target.identity = dataclasses.replace(target.identity, name=f"{target.identity.name} + {folder}/ of the drafter")

@@ -1,4 +1,4 @@
-"""The evaluation metrics, defined once (DESIGN.md) and shared with training.
+"""The evaluation metrics, defined once (docs/design.md) and shared with training.
 
 A step is one verification forward of the target (the prefill forward is not a step). Per step we record
 ``appended`` tokens (accepted draft tokens + the target's bonus token), ``accepted`` and ``offered`` draft

@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from draftsmith.drafters.errors import DraftsmithError  # noqa: E402
+
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -122,10 +124,16 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def write(out: Path, summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(summary, rows))
-    plots(summary, rows, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "results.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "report.md").write_text(markdown(summary, rows))
+        plots(summary, rows, out)
+    except OSError as err:  # a file where the folder should be, no permission, a full disk
+        raise DraftsmithError(
+            f"cannot write the evaluation to {err.filename or out} ({err.strerror or err}): pass out= a folder you "
+            "can write to, on a disk with free space"
+        ) from None

@@ -81,7 +81,7 @@ def evaluate(
     drafter_name: str | None = None,
     original: Sequence[Sequence[Turn]] | None = None,
 ) -> dict[str, Any]:
-    """Decode every question plainly and speculatively (interleaved per turn) and summarise (DESIGN.md keys).
+    """Decode every question plainly and speculatively (interleaved per turn) and summarise (docs/design.md keys).
 
     ``original``: the original target's greedy answers to ``questions`` (`eval.drift.greedy_turns`) when
     ``target`` is an adapted one (Medusa-2); the summary then gets ``adapter_drift``.

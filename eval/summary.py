@@ -1,4 +1,4 @@
-"""From per-question result rows to the ``summary.json`` dict (keys fixed by DESIGN.md)."""
+"""From per-question result rows to the ``summary.json`` dict (keys fixed in docs/design.md)."""
 
 from __future__ import annotations
 

@@ -58,3 +58,36 @@ def tiny_target(real_target: Target) -> Target:
         chat_template=real_target.identity.chat_template,
     )
     return Target(model=model, tokenizer=real_target.tokenizer, identity=identity)
+
+
+# The `slow` tier (`make test` runs it, `make test-fast` leaves it out): every test that uses the real embedded
+# target through its fixtures, plus the modules and tests below, which reach it without them or take 4 s or more
+# on their own (measured on 2 cores: the fast tier must stay under a minute there). Subprocesses cost most: each
+# pays the ~5-10 s imports of a fresh Python with torch, transformers, Lightning and Hydra.
+REAL_TARGET_FIXTURES = {"real_target", "tiny_target"}
+SLOW = {
+    "test_package.py",  # builds the wheel
+    "test_training_ddp.py",  # two training processes
+    "test_training_e2e.py::test_user_mistakes_end_in_one_error_line_and_exit_2",  # train.py subprocesses
+    "test_eval_inputs.py::test_cli_missing_question_file",  # CLI subprocesses
+    "test_eval_inputs.py::test_cli_malformed_line",
+    "test_bad_input.py::test_train_cli_names_a_damaged_checkpoint",
+    "test_bad_input.py::test_data_cli_data_out_that_is_a_file",
+    "test_bad_input.py::test_cli_out_that_is_a_file",
+    "test_configs.py::test_an_unknown_recipe_from_the_shell_is_one_line_and_exit_2",
+    "test_training_resume.py::test_killed_and_resumed_run_matches_uninterrupted",  # full fits (and loader workers)
+    "test_training_resume.py::test_resume_from_an_epoch_end_with_loader_workers",
+    "test_training_module.py::test_validation_measures_accuracy_and_sets_the_tree",
+    # thousands of sampled generations each; the fast tier keeps test_eval_sampling's acceptance-rule tests and
+    # test_drafters_bigram's engine check
+    "test_eval_sampling.py::test_engine_sampling_is_lossless",
+    "test_drafters_eagle3.py::test_sampling_keeps_the_target_distribution",
+    "test_drafters_parallelspec.py::test_sampling_keeps_the_target_distribution",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module, test = item.path.name, f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+        if module in SLOW or test in SLOW or REAL_TARGET_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

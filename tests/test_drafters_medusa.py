@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -18,6 +20,7 @@ from draftsmith.drafters.base import DecodeState, Drafter, drafter_class
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
 from draftsmith.drafters.rank_trees import build_tree, max_tree_nodes
+from draftsmith.training.pipeline import drafter_config  # also stores the configs' schemas for compose
 
 HEADS = 3
 
@@ -214,9 +217,15 @@ def test_user_mistakes_are_clear_errors(target) -> None:
 
 
 @pytest.mark.parametrize("kind", ["medusa", "amphista"])
-def test_recipe_holds_every_default(kind: str) -> None:
+def test_recipe_is_the_config_dataclass(kind: str) -> None:
+    """recipes/drafter/KIND.yaml takes the kind's config dataclass as its schema and states no value of its own,
+    so the two cannot drift: the composed group is the dataclass's defaults, in the exports' config.json format
+    (tests/test_configs.py checks that every group YAML states only what differs from its schema)."""
     assert drafter_class("amphista") is AmphistaDrafter and drafter_class("medusa") is MedusaDrafter
-    recipe = OmegaConf.to_container(OmegaConf.load(f"recipes/drafter/{kind}.yaml"))
+    recipe = OmegaConf.load(f"recipes/drafter/{kind}.yaml")
+    assert set(recipe) == {"defaults"} and list(recipe.defaults) == [f"base_{kind}", "_self_"]
+    with initialize_config_dir(version_base=None, config_dir=str(Path("recipes").resolve())):
+        composed = OmegaConf.to_container(compose(f"drafter/{kind}").drafter)
     config_class = drafter_class(kind).config_class
-    assert recipe == config_class().to_dict()
-    assert config_class.from_dict(recipe) == config_class()
+    assert composed == config_class().to_dict()
+    assert drafter_config(composed) == config_class()

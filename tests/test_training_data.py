@@ -67,15 +67,18 @@ def test_an_empty_padding_batch_counts_nothing():
     assert batch["input_ids"].tolist() == [[5, 5]] and batch["loss_mask"].sum() == 0
 
 
-def test_resume_skips_done_batches_once():
-    sampler = BucketBatchSampler(list(range(40)), 4, shuffle=True, seed=2)
-    sampler.set_epoch(3)
-    full = list(sampler)
-    sampler.resume_at(3, 4)
-    assert list(sampler) == full[4:]
-    assert list(sampler) == full  # only the resumed epoch skips
-    sampler.resume_at(2, 4)
-    assert list(sampler) == full  # a checkpoint from an earlier epoch's end skips nothing here
+def test_train_loader_resumes_after_the_batches_it_yielded():
+    def loader():
+        module = DistillDataModule(tiny_rows(24), batch_size=4, val_fraction=0.0, max_length=64, pad_id=0, seed=2)
+        return module.train_dataloader()
+
+    full = [b["row"].tolist() for b in loader()]
+    killed = iter(first := loader())
+    done = [next(killed)["row"].tolist() for _ in range(2)]
+    resumed = loader()
+    resumed.load_state_dict(first.state_dict())
+    assert done + [b["row"].tolist() for b in resumed] == full
+    assert [b["row"].tolist() for b in resumed] == full  # only the resumed pass skips
 
 
 def test_bad_data_is_a_clear_error():

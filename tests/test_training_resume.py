@@ -25,25 +25,42 @@ class KillAtStep(L.Callback):
             raise Killed(f"killed after step {self.step}")
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
-    train = settings(max_epochs=2, checkpoint_every_n_steps=3)
-    reference = tiny_fit(tmp_path / "full", train, kind=KIND, drafter_fields=DRAFTER)
-    steps = reference.trainer.global_step
-    assert steps == 10  # 19 training rows in batches of 4: 5 steps per epoch
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run; loader workers change nothing in it (the batch order is drawn in the main process)."""
+    module = tiny_fit(tmp_path_factory.mktemp("full"), settings(max_epochs=2), kind=KIND, drafter_fields=DRAFTER)
+    assert module.trainer.global_step == 10  # 19 training rows in batches of 4: 5 steps per epoch
+    return module
 
+
+def killed_and_resumed(out, train, kill_at: int, checkpoint_step: int, checkpoint_epoch: int):
     with pytest.raises(Killed):
-        tiny_fit(tmp_path / "killed", train, kind=KIND, drafter_fields=DRAFTER, callbacks=[KillAtStep(7)])
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+        tiny_fit(out, train, kind=KIND, drafter_fields=DRAFTER, callbacks=[KillAtStep(kill_at)])
+    last = out / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
-    assert saved["global_step"] == 6 and saved["epoch"] == 1  # mid-epoch: step 6 is batch 1 of epoch 1
+    assert (saved["global_step"], saved["epoch"]) == (checkpoint_step, checkpoint_epoch)
+    return tiny_fit(out, train, kind=KIND, drafter_fields=DRAFTER, ckpt_path=last)
 
-    resumed = tiny_fit(tmp_path / "killed", train, kind=KIND, drafter_fields=DRAFTER, ckpt_path=last)
-    assert resumed.trainer.global_step == steps
+
+def assert_same_run(resumed, reference):
+    assert resumed.trainer.global_step == reference.trainer.global_step
     expected, got = reference.drafter.state_dict(), resumed.drafter.state_dict()
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
     assert resumed.drafter.config.tree == reference.drafter.config.tree
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, reference):
+    train = settings(max_epochs=2, checkpoint_every_n_steps=3)
+    # mid-epoch: step 6 is batch 1 of epoch 1
+    assert_same_run(killed_and_resumed(tmp_path, train, 7, checkpoint_step=6, checkpoint_epoch=1), reference)
+
+
+def test_resume_from_an_epoch_end_with_loader_workers(tmp_path, reference):
+    # workers fetch as soon as the loader is iterated, before a resumed trainer moves on to the next epoch
+    train = settings(max_epochs=2, checkpoint_every_n_steps=100, num_workers=2)
+    assert_same_run(killed_and_resumed(tmp_path, train, 7, checkpoint_step=5, checkpoint_epoch=0), reference)
 
 
 def test_resume_refuses_another_drafter(tmp_path):

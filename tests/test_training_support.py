@@ -115,6 +115,7 @@ def tiny_fit(
         pad_id=0,
         seed=seed,
         sort_chunk=train_settings.sort_chunk,
+        num_workers=train_settings.num_workers,
     )
     module = DrafterModule(drafter, target.model, train_settings, features)
     make_trainer(out, train_settings, callbacks).fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -9,6 +9,6 @@
 * `lora`: Medusa-2's LoRA adapters on the target (peft) and its self-distillation KL; `DrafterModule` uses it
   when the drafter's config asks for an adapted target.
 * `callbacks.AcceptanceEval`: real speculative decoding after each epoch on rank 0; keeps the best export.
-* `export.write_export` / `publish.publish`: the export folder of DESIGN.md and its upload to the Hub.
+* `export.write_export` / `publish.publish`: the export folder (docs/design.md) and its upload to the Hub.
 * `strategies.trainer_arguments`: `recipes/trainer/*.yaml` -> Trainer arguments (single device, DDP, ZeRO).
 """

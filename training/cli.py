@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from draftsmith.drafters.errors import one_line_errors
+from draftsmith.drafters.errors import hydra_cli, one_line_errors
+from draftsmith.training.settings import store_schemas
+
+store_schemas()
 
 
-@hydra.main(version_base=None, config_path="pkg://draftsmith.recipes", config_name="config")
+@hydra_cli(version_base=None, config_path="pkg://draftsmith.recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
     from draftsmith.training.pipeline import run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import datasets
@@ -9,11 +10,15 @@ import lightning as L
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from draftsmith.drafters.errors import DraftsmithError
-from draftsmith.training.sampling import BucketBatchSampler, ResumableDataLoader
+from draftsmith.training.sampling import BucketBatchSampler
 
 REQUIRED_COLUMNS = ("input_ids", "loss_mask")
+
+# torchdata calls torch.set_vital, deprecated in torch, on every new loader iterator: nothing for a user to act on
+warnings.filterwarnings("ignore", r"'set_vital' is deprecated", UserWarning, r"torchdata\.")
 
 
 class DistilledRows(Dataset):
@@ -106,13 +111,6 @@ class DistillDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def _progress(self) -> tuple[int, int]:
-        """(epoch, batches trained in it) as the trainer counts them; (0, 0) outside a trainer."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
     def _sampler(self, rows: list[int], *, train: bool) -> BucketBatchSampler:
         num_replicas, rank = self._replicas()
         trainer = self.trainer
@@ -124,18 +122,20 @@ class DistillDataModule(L.LightningDataModule):
             sort_chunk=self.sort_chunk,
             num_replicas=num_replicas,
             rank=rank,
-            epoch_source=None if trainer is None else (lambda: trainer.current_epoch),
+            # the epoch Lightning hands samplers to set_epoch; unlike trainer.current_epoch it is already the next
+            # one while a run resumed from an epoch-end checkpoint builds its loader
+            epoch_source=None if trainer is None else (lambda: trainer.fit_loop.epoch_progress.current.processed),
         )
 
     def train_batches_per_epoch(self) -> int:
         """Batches each process trains on per epoch."""
         return len(self._sampler(self.train_rows, train=True))
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        return ResumableDataLoader(
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Lightning checkpoints its position (``state_dict``) and a resumed run continues at the next batch."""
+        return StatefulDataLoader(
             DistilledRows(self.table, self.train_rows, self.max_length),
-            self._sampler(self.train_rows, train=True),
-            self._progress,
+            batch_sampler=self._sampler(self.train_rows, train=True),
             collate_fn=PadCollator(self.pad_id),
             num_workers=self.num_workers,
             # a private generator keeps DataLoader's per-epoch seed draw off the global RNG (exact resume)

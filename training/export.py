@@ -1,4 +1,4 @@
-"""The export folder (DESIGN.md, "Export format"): config.json, model.safetensors, README.md, recipe.yaml,
+"""The export folder (docs/design.md, "Export format"): config.json, model.safetensors, README.md, recipe.yaml,
 eval/summary.json, and for a drafter trained with an adapted target (Medusa-2) the target's peft adapter in
 adapter/. It is also exactly what `training.publish` uploads to the Hub."""
 
@@ -11,9 +11,12 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from torch import nn
 
 from draftsmith.drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
+from draftsmith.drafters.engine_formats import SERVING, engine_forms, write_engine_forms
+from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import TargetIdentity
 from draftsmith.eval.report import drift_sentence
 from draftsmith.training.report import markdown_table
@@ -50,6 +53,7 @@ def model_card(
     summary: dict[str, Any] | None,
     target_source: str | None,
     adapted: bool = False,
+    engines: list[str] = (),
 ) -> str:
     kind = drafter.config.kind
     data = ModelCardData(
@@ -100,6 +104,9 @@ The drafter refuses a target whose tokenizer differs (tokenizer hash `{identity.
 """
     if adapted:
         body += ADAPTED_TARGET.format(folder=ADAPTER_DIR, name=identity.name)
+    if engines:
+        body += "\n## Serving engines\n\nThis export also carries the forms serving engines load (`engines/`):\n\n"
+        body += "".join(f"- `engines/{name}`: {SERVING[name]}\n" for name in engines)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
 
 
@@ -110,12 +117,35 @@ def write_export(
     config: Any,
     summary: dict[str, Any] | None = None,
     adapter: nn.Module | None = None,
+    target_model: nn.Module | None = None,
 ) -> Path:
     """Write the export folder; a new one replaces the old only once it is complete.
 
     ``adapter``: the peft-wrapped target of a Medusa-2 run; its adapter (not the base weights) goes to adapter/.
+    ``target_model``: the frozen target, for the serving-engine forms ``config.export.engines`` asks for.
     """
     directory = Path(directory)
+    try:
+        return _write_staged(directory, drafter, identity, config, summary, adapter, target_model)
+    except (OSError, SafetensorError) as err:  # a file where a folder should be, no permission, a full disk
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        if isinstance(err, OSError) and err.strerror:
+            reason = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        raise DraftsmithError(
+            f"cannot write the export {directory} ({reason}): pass out= a folder you can write to, "
+            "on a disk with free space"
+        ) from None
+
+
+def _write_staged(
+    directory: Path,
+    drafter: Drafter,
+    identity: TargetIdentity,
+    config: Any,
+    summary: dict[str, Any] | None,
+    adapter: nn.Module | None,
+    target_model: nn.Module | None,
+) -> Path:
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     resolved = OmegaConf.create(config) if not OmegaConf.is_config(config) else config
@@ -132,7 +162,10 @@ def write_export(
         adapter.save_pretrained(staging / ADAPTER_DIR, save_embedding_layers=False)
         # peft's own card is a blank template naming this machine's target folder; README.md covers the adapter
         (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
-    card = model_card(drafter, identity, summary, target_source, adapted=adapter is not None)
+    requested = list(OmegaConf.select(resolved, "export.engines", default=None) or [])
+    engines = engine_forms(drafter, requested) if target_model is not None else []
+    write_engine_forms(drafter, staging / "engines", target_model, target_source or identity.name, engines)
+    card = model_card(drafter, identity, summary, target_source, adapted=adapter is not None, engines=engines)
     (staging / "README.md").write_text(card)
     (staging / "recipe.yaml").write_text(OmegaConf.to_yaml(resolved, resolve=True))
     if summary is not None:
@@ -148,12 +181,20 @@ class Exporter:
     """Writes the export of one run: what stays the same between exports (target, config, folder)."""
 
     def __init__(
-        self, directory: str | Path, identity: TargetIdentity, config: Any, adapter: nn.Module | None = None
+        self,
+        directory: str | Path,
+        identity: TargetIdentity,
+        config: Any,
+        adapter: nn.Module | None = None,
+        target_model: nn.Module | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.identity = identity
         self.config = config
         self.adapter = adapter
+        self.target_model = target_model
 
     def write(self, drafter: Drafter, summary: dict[str, Any] | None) -> Path:
-        return write_export(self.directory, drafter, self.identity, self.config, summary, self.adapter)
+        return write_export(
+            self.directory, drafter, self.identity, self.config, summary, self.adapter, self.target_model
+        )

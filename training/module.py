@@ -7,13 +7,14 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
 from draftsmith.drafters.base import Drafter, LossOutput
 from draftsmith.drafters.errors import DraftsmithError
@@ -27,16 +28,9 @@ from draftsmith.training.settings import TrainSettings
 TARGET_PREFIX = "target."
 
 
-def warmup_cosine(step: int, *, warmup: int, total: int, start: int = 0) -> float:
-    """Learning-rate factor: 0 before ``start``, then a linear warmup over ``warmup`` steps and a cosine decay
-    to 0 at ``start + total`` (transformers' get_cosine_schedule_with_warmup, shifted by ``start``)."""
-    step -= start
-    if step < 0:
-        return 0.0
-    if step < warmup:
-        return step / max(warmup, 1)
-    progress = (step - warmup) / max(total - warmup, 1)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+def delayed(factor: Callable[[int], float], step: int, *, start: int) -> float:
+    """``factor`` shifted to begin at step ``start``, 0 before it."""
+    return 0.0 if step < start else factor(step - start)
 
 
 @contextlib.contextmanager
@@ -145,16 +139,18 @@ class DrafterModule(L.LightningModule):
         )
         total = self._total_steps()
         warmup = min(self.settings.warmup_steps, total)
-        factors = [functools.partial(warmup_cosine, warmup=warmup, total=total)] * len(optimizer.param_groups)
         start = lora.adapter_start_step(self.drafter.config) if self.adapted else 0
         if start >= total:
             raise DraftsmithError(
                 f"drafter.heads_warmup_steps={start} covers the whole run ({total} optimizer steps), so the "
                 "adapters would never train: lower it or train longer"
             )
+        schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total)
         if start:  # the LoRA group is the last one: it waits for the heads, then runs its own warmup and decay
-            factors[-1] = functools.partial(warmup_cosine, warmup=warmup, total=total - start, start=start)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+            own = get_cosine_schedule_with_warmup(optimizer, warmup, total - start).lr_lambdas[-1]
+            # hand-written shift: transformers' schedules all begin at step 0
+            factors = [*schedule.lr_lambdas[:-1], functools.partial(delayed, own, start=start)]
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _total_steps(self) -> int:

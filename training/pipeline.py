@@ -15,19 +15,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftsmith import data
 from draftsmith.drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
-from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.drafters.engine_formats import engine_forms
+from draftsmith.drafters.errors import DraftsmithError, writable_folder
 from draftsmith.drafters.target import Target, load_target
-from draftsmith.training.callbacks import AcceptanceEval, check_keep
+from draftsmith.training.callbacks import AcceptanceEval
 from draftsmith.training.datamodule import DistillDataModule
 from draftsmith.training.export import Exporter
 from draftsmith.training.features import CachedFeatures, FeatureSource, OnlineFeatures
 from draftsmith.training.lora import adapts_target, check_online
 from draftsmith.training.module import DrafterModule, frozen_target_expected
 from draftsmith.training.report import print_acceptance
-from draftsmith.training.settings import TrainSettings
+from draftsmith.training.settings import AcceptanceSettings, TrainSettings, store_schemas
 from draftsmith.training.strategies import trainer_arguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+store_schemas()  # the recipes' YAMLs name their schemas (base_*): Hydra's compose API needs them stored
 
 
 def drafter_config(values: Any) -> DrafterConfig:
@@ -116,7 +118,29 @@ def resume_checkpoint(out: Path, resume: bool) -> Path | None:
         return None
     if not last.exists():
         raise DraftsmithError(f"resume=true but {last} does not exist: run once without resume, or fix out=")
+    if last.is_file():  # a DeepSpeed checkpoint is a folder, which Lightning checks itself
+        _check_checkpoint(last)
     return last
+
+
+def _check_checkpoint(path: Path) -> None:
+    """Refuse a truncated or corrupt checkpoint before the slow steps: `torch.save` writes a zip archive, whose
+    checksums show damage anywhere in the file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        reason = None if damaged is None else f"{damaged} fails its checksum"
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        reason = str(err) or type(err).__name__
+    if reason is not None:
+        real = path.resolve()
+        named = path if real == path.absolute() else f"{path} (-> {real.name})"
+        raise DraftsmithError(
+            f"resume=true but {named} cannot be read ({reason}): the checkpoint is truncated or corrupt; resume from "
+            f"another checkpoint in {path.parent} (link last.ckpt to it), or run without resume=true"
+        )
 
 
 def zero3_drafter(checkpoint: Path, drafter: Drafter) -> Drafter:
@@ -152,9 +176,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         )
     settings = TrainSettings.from_config(OmegaConf.to_container(cfg.trainer, resolve=True))
     out = Path(cfg.out)
+    writable_folder(out, "out")
     # before the slow steps, so a typo or a missing DeepSpeed fails at once
     ckpt_path = resume_checkpoint(out, bool(cfg.resume))
-    keep = check_keep(str(cfg.eval.get("keep", "best")))
+    evaluation = AcceptanceSettings.from_config(cfg.eval)
     trainer_kwargs = trainer_arguments(settings)
     zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
     check_adapted_target(drafter_config(cfg.drafter), settings, zero3)
@@ -177,16 +202,19 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data, drafter))
     if settings.strategy == "deepspeed":
         module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out
-    exporter = Exporter(out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True), module.adapter)
+    engine_forms(drafter, list(cfg.export.engines))  # a form the kind lacks is refused now, not after an epoch
+    exporter = Exporter(
+        out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True), module.adapter, target.model
+    )
     acceptance = AcceptanceEval(
         target,
         load_eval_questions(cfg.eval),
         exporter,
-        max_new_tokens=int(cfg.eval.max_new_tokens),
-        temperature=float(cfg.eval.get("temperature", 0.0)),
+        max_new_tokens=evaluation.max_new_tokens,
+        temperature=evaluation.temperature,
         out=out / "epoch_eval",
         seed=int(cfg.seed),
-        keep=keep,
+        keep=evaluation.keep,
         every_epoch=not zero3,  # ZeRO-3 shards the target: evaluate once after training instead
     )
     trainer = L.Trainer(

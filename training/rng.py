@@ -1,5 +1,6 @@
 """Capture and restore every random generator a training step can draw from (exact resume).
 
+Hand-written: Lightning 2.6 checkpoints no RNG state (its ``_collect_rng_states`` only serves spawn and isolate_rng).
 States are kept as tensors and plain Python values, which checkpoints load with ``weights_only=True``.
 """
 

@@ -1,18 +1,18 @@
-"""Length-bucketed batches that resume mid-epoch at the exact batch where a checkpoint was taken.
+"""Length-bucketed batches whose order is a pure function of (seed, epoch).
 
-Order is a pure function of (seed, epoch), so a resumed run replays the same epoch and skips the batches
-the checkpoint says were already trained on.
+Mid-epoch resume is torchdata's StatefulDataLoader's job (the datamodule wraps this sampler in one): it
+records how many batches it yielded and fast-forwards this sampler past them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 
+# Hand-written: transformers' DistributedLengthGroupedSampler shards rows, not batches, and pads by repeating rows.
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of row positions, rows of similar length together to waste little padding.
 
@@ -46,7 +46,6 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.epoch = 0
         self.epoch_source = epoch_source
-        self._resume_at: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,39 +81,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         return -(-n_batches // self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
-        # Read at the first batch, not when iter() is called: a resuming trainer calls iter() before it
-        # restores its epoch counter (and Lightning's set_epoch reaches plain samplers only).
+        # Read here, not left to Lightning: its set_epoch reaches only ``loader.sampler`` and
+        # ``loader.batch_sampler.sampler``, and comes after iter() has already set loader workers fetching.
         if self.epoch_source is not None:
             self.epoch = self.epoch_source()
-        batches = self._my_batches()
-        skip = 0
-        if self._resume_at is not None and self._resume_at[0] == self.epoch:
-            skip = self._resume_at[1]
-        self._resume_at = None
-        yield from batches[skip:]
-
-    def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Make the next iteration over ``epoch`` start after its first ``batches_done`` batches."""
-        self._resume_at = (epoch, batches_done)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints and restores (it implements ``state_dict``/``load_state_dict``).
-
-    ``progress()`` returns the trainer's (epoch, batches trained this epoch). The position is read from it
-    rather than counted here: the fit loop fetches one batch ahead, so counting yields would skip a batch on
-    resume.
-    """
-
-    def __init__(
-        self, dataset: Any, batch_sampler: BucketBatchSampler, progress: Callable[[], tuple[int, int]], **kwargs: Any
-    ) -> None:
-        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
-        self._progress = progress
-
-    def state_dict(self) -> dict[str, int]:
-        epoch, batches_done = self._progress()
-        return {"epoch": int(epoch), "batches_done": int(batches_done)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches_done"]))
+        yield from self._my_batches()

@@ -1,0 +1,61 @@
+"""The schema of `python -m eval` (recipes/eval.yaml): each key's type, default and range, declared once.
+
+Hydra composes the command line onto `EvalConfig` (a wrong type or an unknown key fails there, naming the key);
+`EvalConfig.from_config` then checks the ranges, before the slow imports and the target load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from draftsmith.drafters.errors import DraftsmithError
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluate one drafter against its target (docs/design.md, Evaluator)."""
+
+    drafter: str = "ngram"  # ar | ngram | layerskip | ... (a drafter kind) | an export folder | a Hub repo id
+    target: str = "smollm2-135m-instruct"  # preset name (recipes/target/), Hub id or local folder
+    questions: str | None = None  # Spec-Bench JSONL; null = the shipped eval/question_sets/mini_specbench.jsonl
+    limit: int | None = None  # evaluate only the first N questions
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy (lossless check on); > 0 = speculative sampling
+    top_p: float = 1.0
+    seed: int = 0
+    tree_nodes: int | None = None  # medusa/amphista: rebuild the candidate tree at this size from training's accuracies
+    threads: int | None = None  # torch CPU threads (null = torch's default); 1 avoids stalls on a shared CPU
+    out: str = "outputs/eval"
+
+    def __post_init__(self) -> None:
+        def at_least_one(name: str, optional: bool) -> None:
+            value = getattr(self, name)
+            if (value is None and not optional) or (value is not None and value < 1):
+                raise DraftsmithError(f"{name}={value}: must be >= 1{' (or null)' if optional else ''}")
+
+        at_least_one("limit", optional=True)
+        at_least_one("max_new_tokens", optional=False)
+        at_least_one("tree_nodes", optional=True)
+        at_least_one("threads", optional=True)
+        if self.temperature < 0:
+            raise DraftsmithError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DraftsmithError(f"top_p={self.top_p}: must be in (0, 1]")
+        if not self.drafter or not self.target or not self.out:
+            raise DraftsmithError("drafter, target and out must not be empty")
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any]) -> EvalConfig:
+        """The composed config (a Hydra node or a mapping) as a checked EvalConfig; unknown keys are errors."""
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(values):
+            values = OmegaConf.to_container(values, resolve=True)
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise DraftsmithError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return cls(**values)
