@@ -86,3 +86,16 @@ def test_resume_accepts_a_checkpoint_written_before_a_field_existed(tmp_path):
     torch.save(saved, last)
     resumed = tiny_fit(tmp_path, settings(max_epochs=2), ckpt_path=last)
     assert resumed.trainer.current_epoch == 2
+
+
+def test_a_mid_epoch_checkpoint_of_the_old_loader_is_refused_in_one_line(tmp_path):
+    from draftsmith.drafters.errors import DraftsmithError
+
+    with pytest.raises(Killed):
+        tiny_fit(tmp_path, settings(max_epochs=1, checkpoint_every_n_steps=3), callbacks=[KillAtStep(4)])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 0, "batches_done": 3}]
+    torch.save(saved, last)
+    with pytest.raises(DraftsmithError, match="epoch-end.ckpt"):
+        tiny_fit(tmp_path, settings(max_epochs=1), ckpt_path=last)

@@ -220,6 +220,12 @@ class DrafterModule(L.LightningModule):
         checkpoint["rng"] = capture_rng()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        if any(set(state) == {"epoch", "batches_done"} for state in loop.get("combined_loader", [])):
+            raise DraftsmithError(
+                "this mid-epoch checkpoint keeps its data position in the form draftsmith used before torchdata's "
+                "StatefulDataLoader: resume from checkpoints/epoch-end.ckpt (link last.ckpt to it) or run anew"
+            )
         saved = dict(checkpoint.get("drafter_config") or {})
         current = self.drafter.config.to_dict()
         # a field added since the checkpoint was written counts as its default, which keeps the old behaviour
