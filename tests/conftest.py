@@ -77,6 +77,8 @@ SLOW = {
     "test_configs.py::test_an_unknown_recipe_from_the_shell_is_one_line_and_exit_2",
     "test_training_resume.py::test_killed_and_resumed_run_matches_uninterrupted",  # full fits (and loader workers)
     "test_training_resume.py::test_resume_from_an_epoch_end_with_loader_workers",
+    "test_training_resume.py::test_feature_drafters_resume_to_the_same_weights",
+    "test_training_resume.py::test_a_mid_epoch_checkpoint_of_the_old_loader_is_refused_in_one_line",
     "test_training_module.py::test_validation_measures_accuracy_and_sets_the_tree",
     # thousands of sampled generations each; the fast tier keeps test_eval_sampling's acceptance-rule tests and
     # test_drafters_bigram's engine check

@@ -99,3 +99,17 @@ def test_a_mid_epoch_checkpoint_of_the_old_loader_is_refused_in_one_line(tmp_pat
     torch.save(saved, last)
     with pytest.raises(DraftsmithError, match="epoch-end.ckpt"):
         tiny_fit(tmp_path, settings(max_epochs=1), ckpt_path=last)
+
+
+@pytest.mark.parametrize("kind", ["eagle3", "parallelspec"])
+def test_feature_drafters_resume_to_the_same_weights(tmp_path, kind):
+    train = settings(max_epochs=2, checkpoint_every_n_steps=3)
+    full = tiny_fit(tmp_path / "full", train, kind=kind)
+    with pytest.raises(Killed):
+        tiny_fit(tmp_path / "killed", train, kind=kind, callbacks=[KillAtStep(7)])
+    resumed = tiny_fit(
+        tmp_path / "killed", train, kind=kind, ckpt_path=tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    )
+    assert resumed.trainer.global_step == full.trainer.global_step
+    for name, value in full.drafter.state_dict().items():
+        torch.testing.assert_close(resumed.drafter.state_dict()[name], value, rtol=0, atol=0, msg=name)

@@ -57,9 +57,11 @@ def tiny_target(vocab: int = VOCAB, tokenizer_hash: str = "tiny-tokenizer") -> T
 
 def tiny_drafter(target: Target, kind: str = "medusa", **fields: Any) -> Drafter:
     cls = drafter_class(kind)
-    defaults = {"num_heads": 3, "tree_topk": 4, "tree_nodes": 8}
+    defaults: dict[str, Any] = {"num_heads": 3, "tree_topk": 4, "tree_nodes": 8}
     if kind == "amphista":
         defaults.update(attention_heads=4)
+    if kind in ("eagle3", "parallelspec"):  # the feature drafters read three of the tiny target's hidden states
+        defaults = {"feature_layers": [0, 1, 2], "tree_topk": 3, "tree_nodes": 8}
     drafter = cls(cls.config_class.from_dict({**defaults, **fields}))
     drafter.bind(target.model)
     return drafter
