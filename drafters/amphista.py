@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from draftsmith.drafters.backbone import rotate
 from draftsmith.drafters.base import DecodeState, register
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.multihead import MultiHeadConfig, MultiHeadDrafter, VocabHeads
@@ -75,16 +76,6 @@ class AmphistaConfig(MultiHeadConfig):
         """Stage index each head reads: contiguous groups, earlier groups one larger when K % S != 0."""
         sizes = [len(group) for group in torch.arange(self.num_heads).tensor_split(self.num_stages)]
         return [stage for stage, size in enumerate(sizes) for _ in range(size)]
-
-
-def rotate(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """RoPE on ``x [B, heads, T, head_dim]`` at ``positions [B, T]`` (rotate-half layout)."""
-    half = x.shape[-1] // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions[:, None, :, None].float() * freqs
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class CausalLayer(nn.Module):

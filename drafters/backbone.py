@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftsmith.drafters.base import DrafterConfig, TargetNeeds
+from draftsmith.drafters.base import DrafterConfig, LossOutput, TargetNeeds
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.multihead import Borrowed
 
@@ -284,3 +284,59 @@ def step_zero(
     verified = count - start
     cache.append((k[:, :, :verified], v[:, :, :verified]))
     return out[0, verified - 1] if extra is None else out[0, verified - 1 :]
+
+
+def counted_loss(
+    logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE on ``labels`` (or KL(reference || drafter) with reference logits) and the hits at each rank."""
+    logits = logits.float()
+    if labels.numel() == 0:
+        return logits.sum() * 0.0, torch.zeros(topk, device=logits.device)
+    if reference is None:
+        loss = F.cross_entropy(logits, labels)
+    else:
+        target = F.log_softmax(reference.detach().float(), dim=-1)
+        loss = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
+    ranks = min(topk, logits.shape[-1])
+    hits = (logits.detach().topk(ranks, dim=-1).indices == labels[:, None]).sum(0).float()
+    return loss, F.pad(hits, (0, topk - ranks))
+
+
+def check_features(c: FeatureDrafterConfig, features: dict[str, Any]) -> tuple[dict, torch.Tensor | None]:
+    """The hidden states a feature drafter reads and, for ``loss_type`` "kl", the target's logits (else None)."""
+    hidden = features.get("hidden", {})
+    if any(layer not in hidden for layer in c.layers()):
+        raise DraftsmithError(f"features lack the target's hidden layers {list(c.layers())}: compute them")
+    if c.loss_type != "kl":
+        return hidden, None
+    if features.get("logits") is None:
+        raise DraftsmithError("loss_type=kl needs the target's logits in the features: enable them or use ce")
+    return hidden, features["logits"]
+
+
+def feature_loss(
+    backbone: FeatureBackbone,
+    outputs: list[torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    reference: torch.Tensor | None,
+    c: FeatureDrafterConfig,
+    topk: int,
+) -> LossOutput:
+    """``outputs[d] [B, T-1, dim]``: the features whose index t drafts token t + 2 + d (draft position d). Each
+    position's loss is weighted ``loss_decay ** d`` over the target-written labels inside the attention mask."""
+    input_ids, inside, written = batch["input_ids"], batch["attention_mask"].bool(), batch["loss_mask"].bool()
+    length = input_ids.shape[1]
+    terms, hits, counts = [], [], []
+    for position, feature in enumerate(outputs):
+        offset = 2 + position
+        span = max(length - offset, 0)
+        counted = inside[:, :span] & inside[:, offset:] & written[:, offset:]
+        rows, cols = counted.nonzero(as_tuple=True)
+        labels = input_ids[rows, cols + offset]
+        ref = None if reference is None else reference[rows, cols + offset - 1]
+        term, hit = counted_loss(backbone.logits(feature[rows, cols]), labels, ref, topk)
+        terms.append(c.loss_decay**position * term)
+        hits.append(hit)
+        counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
+    return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))

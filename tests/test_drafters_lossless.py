@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import repetitive_llama
 
 from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
 from draftsmith.drafters.base import Drafter
@@ -19,13 +19,7 @@ NEW_TOKENS = 30
 
 @pytest.fixture(scope="module")
 def target():
-    """Weights scaled up so greedy output mixes repeats (drafts get accepted) with variety (and rejected)."""
-    model = tiny_llama(layers=2, seed=3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(10.0)
-    return model
+    return repetitive_llama(layers=2)
 
 
 def prompts() -> list[list[int]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
-from test_drafters_eagle3 import LAYERS, hidden_states
+from conftest import repetitive_llama, tiny_llama
+from test_drafters_eagle3 import LAYERS, fitted, hidden_states
 from test_eval_sampling import SAMPLING, VOCAB, assert_matches
 
 from draftsmith.drafters.base import DecodeState
@@ -25,12 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def target():
-    model = tiny_llama(layers=3, seed=3)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.mul_(10.0)
-    return model
+    return repetitive_llama(layers=3)
 
 
 def drafter_for(model, **overrides) -> ParallelSpecDrafter:
@@ -113,19 +108,7 @@ def test_loss_counts_every_draft_position(target) -> None:
 
 
 def test_greedy_is_lossless_and_accepts(target) -> None:
-    torch.manual_seed(1)
-    prompts = torch.randint(3, 128, (16, 4))
-    with torch.no_grad():
-        ids = target.generate(prompts, max_new_tokens=28, do_sample=False, pad_token_id=0)
-    drafter = drafter_for(target)
-    hidden = hidden_states(target, ids)
-    optimizer = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
-    ones = torch.ones_like(ids)
-    for _ in range(120):
-        optimizer.zero_grad()
-        drafter.loss({"input_ids": ids, "attention_mask": ones, "loss_mask": ones}, {"hidden": hidden}).loss.backward()
-        optimizer.step()
-    drafter.eval()
+    drafter = fitted(drafter_for(target), target, 120)
     sample = [[5, 9, 17], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
     assert_lossless_greedy(target, drafter, sample, 30)
     steps = SpeculativeDecoder(target, eos_ids=set()).generate(sample[0], drafter, 30).steps
