@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from pathlib import Path
@@ -36,14 +37,15 @@ def run(cfg: DictConfig | EvalConfig) -> dict:
     writable_folder(cfg.out, "out")
     import torch
 
-    from draftsmith.drafters.target import load_target
+    from draftsmith.drafters.target import TargetSpec, load_target
     from draftsmith.eval.drift import greedy_turns
     from draftsmith.eval.loading import adapt_target, carries_adapter, load_drafter
     from draftsmith.eval.runner import evaluate
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    target = load_target(cfg.target)
+    spec = TargetSpec.from_any(cfg.target)
+    target = load_target(spec if cfg.dtype is None else dataclasses.replace(spec, dtype=cfg.dtype))
     drafter = load_drafter(cfg.drafter, target, tree_nodes=cfg.tree_nodes, merge_adapter=False)
     original = None
     if carries_adapter(drafter):  # Medusa-2: the original target answers first, for the drift figures

@@ -28,6 +28,7 @@ class EvalConfig:
     seed: int = 0
     tree_nodes: int | None = None  # medusa/amphista: rebuild the candidate tree at this size from training's accuracies
     threads: int | None = None  # torch CPU threads (null = torch's default); 1 avoids stalls on a shared CPU
+    dtype: str | None = None  # the target's dtype: float32 | bfloat16 | float16 | auto; null = its preset's
     out: str = "outputs/eval"
 
     def __post_init__(self) -> None:
@@ -44,6 +45,8 @@ class EvalConfig:
             raise DraftsmithError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise DraftsmithError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+            raise DraftsmithError(f"dtype={self.dtype}: use float32, bfloat16, float16, auto or null (the preset's)")
         if not self.drafter or not self.target or not self.out:
             raise DraftsmithError("drafter, target and out must not be empty")
 

@@ -105,7 +105,14 @@ def evaluate(
         plain_answers.append([g.tokens for g in plain_gens])
         steps = [n for row in rows for n in row["accept_lengths"]]
         bar.set_postfix(tau=f"{sum(steps) / max(len(steps), 1):.2f}")
-    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    dtype = str(next(target.model.parameters()).dtype).removeprefix("torch.")
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "dtype": dtype,
+    }
     settings.update(drafter.draft_shape())
     summary = summarize(rows, drafter_name or drafter.config.kind, target.identity.name, settings)
     if original is not None:

@@ -277,6 +277,7 @@ def test_data_cli_mistakes_are_one_line(tmp_path, monkeypatch, capsys) -> None:
         (["limit=0"], "error: limit=0: must be >= 1 (or null)"),
         (["top_p=0"], "error: top_p=0.0: must be in (0, 1]"),
         (["max_new_tokens=0"], "error: max_new_tokens=0: must be >= 1"),
+        (["dtype=float8"], "error: dtype=float8: use float32, bfloat16, float16, auto or null"),
     ],
 )
 def test_eval_cli_mistakes_are_one_line(args, message, tmp_path, monkeypatch, capsys) -> None:
@@ -305,6 +306,7 @@ def test_eval_cli_keys_and_defaults() -> None:
         "seed": 0,
         "tree_nodes": None,
         "threads": None,
+        "dtype": None,
         "out": "outputs/eval",
     }
     assert dataclasses.asdict(EvalConfig.from_config(config)) == config

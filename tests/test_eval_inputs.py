@@ -126,3 +126,20 @@ def test_cli_malformed_line(tmp_path):
     result = run_cli(f"questions={path}", f"out={tmp_path / 'out'}")
     assert result.returncode == 2
     assert f"{path}: line 3:" in result.stderr
+
+
+def test_the_evaluators_dtype_is_a_key_and_the_summary_records_it(tiny_target, tmp_path):
+    import json
+
+    from draftsmith.eval.cli import run
+    from draftsmith.eval.config import EvalConfig
+
+    folder = tmp_path / "tiny"
+    tiny_target.model.save_pretrained(folder)
+    tiny_target.tokenizer.save_pretrained(folder)
+    config = EvalConfig(
+        drafter="ar", target=str(folder), dtype="bfloat16", limit=1, max_new_tokens=2, out=str(tmp_path)
+    )
+    summary = run(config)
+    assert summary["settings"]["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"]["dtype"] == "bfloat16"
