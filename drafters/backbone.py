@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from draftsmith.drafters.base import DrafterConfig, LossOutput, TargetNeeds
+from draftsmith.drafters.base import Drafter, DrafterConfig, LossOutput, TargetNeeds
 from draftsmith.drafters.errors import DraftsmithError
-from draftsmith.drafters.multihead import Borrowed
+from draftsmith.drafters.multihead import Borrowed, multi_head_loss
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
 
@@ -286,23 +286,6 @@ def step_zero(
     return out[0, verified - 1] if extra is None else out[0, verified - 1 :]
 
 
-def counted_loss(
-    logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE on ``labels`` (or KL(reference || drafter) with reference logits) and the hits at each rank."""
-    logits = logits.float()
-    if labels.numel() == 0:
-        return logits.sum() * 0.0, torch.zeros(topk, device=logits.device)
-    if reference is None:
-        loss = F.cross_entropy(logits, labels)
-    else:
-        target = F.log_softmax(reference.detach().float(), dim=-1)
-        loss = F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True, reduction="batchmean")
-    ranks = min(topk, logits.shape[-1])
-    hits = (logits.detach().topk(ranks, dim=-1).indices == labels[:, None]).sum(0).float()
-    return loss, F.pad(hits, (0, topk - ranks))
-
-
 def check_features(c: FeatureDrafterConfig, features: dict[str, Any]) -> tuple[dict, torch.Tensor | None]:
     """The hidden states a feature drafter reads and, for ``loss_type`` "kl", the target's logits (else None)."""
     hidden = features.get("hidden", {})
@@ -315,28 +298,51 @@ def check_features(c: FeatureDrafterConfig, features: dict[str, Any]) -> tuple[d
     return hidden, features["logits"]
 
 
-def feature_loss(
-    backbone: FeatureBackbone,
-    outputs: list[torch.Tensor],
-    batch: dict[str, torch.Tensor],
-    reference: torch.Tensor | None,
-    c: FeatureDrafterConfig,
-    topk: int,
-) -> LossOutput:
-    """``outputs[d] [B, T-1, dim]``: the features whose index t drafts token t + 2 + d (draft position d). Each
-    position's loss is weighted ``loss_decay ** d`` over the target-written labels inside the attention mask."""
-    input_ids, inside, written = batch["input_ids"], batch["attention_mask"].bool(), batch["loss_mask"].bool()
-    length = input_ids.shape[1]
-    terms, hits, counts = [], [], []
-    for position, feature in enumerate(outputs):
-        offset = 2 + position
-        span = max(length - offset, 0)
-        counted = inside[:, :span] & inside[:, offset:] & written[:, offset:]
-        rows, cols = counted.nonzero(as_tuple=True)
-        labels = input_ids[rows, cols + offset]
-        ref = None if reference is None else reference[rows, cols + offset - 1]
-        term, hit = counted_loss(backbone.logits(feature[rows, cols]), labels, ref, topk)
-        terms.append(c.loss_decay**position * term)
-        hits.append(hit)
-        counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
-    return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))
+class FeatureDrafter(Drafter):
+    """What EAGLE-3 and ParallelSpec share: the backbone (built once the target's sizes are known), binding,
+    the drafter's KV cache, and the loss over their draft positions. A kind adds its own modules in `_build`."""
+
+    config: FeatureDrafterConfig
+
+    def __init__(self, config: FeatureDrafterConfig) -> None:
+        super().__init__(config)
+        self.backbone: FeatureBackbone | None = None
+        if config.hidden_size is not None and config.dim is not None:
+            self._build()
+        self.reset()
+
+    def _build(self) -> None:
+        self.backbone = FeatureBackbone(self.config)
+
+    def target_needs(self) -> TargetNeeds:
+        return self.config.target_needs()
+
+    def bind(self, target: nn.Module) -> None:
+        self.config.adopt_target(target.config)
+        if self.backbone is None:
+            self._build()
+            self.to(target.get_input_embeddings().weight.device)
+        self.backbone.bind(target)
+
+    def _built(self) -> FeatureBackbone:
+        if self.backbone is None:
+            raise DraftsmithError(
+                f"the {self.config.kind} drafter is not built yet: call drafter.bind(target_model) first"
+            )
+        return self.backbone
+
+    def reset(self) -> None:
+        self.cache = FeatureCache()
+
+    def position_loss(
+        self, outputs: list[torch.Tensor], batch: dict[str, torch.Tensor], reference: torch.Tensor | None, topk: int
+    ) -> LossOutput:
+        """``outputs[d] [B, T-1, dim]``: the features whose index t drafts token t + 2 + d (draft position d),
+        scored by the multi-head loss (`multihead.multi_head_loss`: head d + 1 is draft position d)."""
+        backbone = self._built()
+
+        def logits(k: int, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return backbone.logits(outputs[k - 1][rows, positions])
+
+        c = self.config
+        return multi_head_loss(logits, batch, len(outputs), c.loss_decay, topk, reference)

@@ -31,7 +31,7 @@ from torch import nn
 
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, LossOutput, register
 from draftsmith.drafters.errors import DraftsmithError
-from draftsmith.drafters.multihead import Borrowed, borrow_lm_head
+from draftsmith.drafters.multihead import Borrowed, borrow_lm_head, rank_hits
 from draftsmith.drafters.sampling import warp
 
 TOPK = 5  # ranks the loss counts hits at
@@ -95,8 +95,7 @@ class BigramDrafter(Drafter):
         logits = self.logits(ids[rows, positions]).float()
         # a batch without counted positions still backpropagates (a zero loss with a graph)
         loss = F.cross_entropy(logits, labels) if labels.numel() else logits.sum() * 0.0
-        top = logits.detach().topk(min(TOPK, logits.shape[-1]), dim=-1).indices
-        hits = F.pad((top == labels[:, None]).sum(0).float(), (0, TOPK - top.shape[-1]))
+        hits = rank_hits(logits, labels, TOPK)
         counts = torch.tensor([float(labels.numel())], device=hits.device)
         return LossOutput(loss=loss, hits=hits[None], counts=counts)
 

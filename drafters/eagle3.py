@@ -28,17 +28,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from draftsmith.drafters.backbone import (
     FeatureBackbone,
-    FeatureCache,
+    FeatureDrafter,
     FeatureDrafterConfig,
     check_features,
-    feature_loss,
     step_zero,
 )
-from draftsmith.drafters.base import DecodeState, Draft, Drafter, LossOutput, TargetNeeds, register
+from draftsmith.drafters.base import DecodeState, Draft, LossOutput, register
 from draftsmith.drafters.errors import DraftsmithError
 
 
@@ -58,30 +56,9 @@ class Eagle3Config(FeatureDrafterConfig):
 
 
 @register
-class Eagle3Drafter(Drafter):
+class Eagle3Drafter(FeatureDrafter):
     config_class = Eagle3Config
     config: Eagle3Config
-
-    def __init__(self, config: Eagle3Config) -> None:
-        super().__init__(config)
-        self.backbone: FeatureBackbone | None = None
-        if config.hidden_size is not None and config.dim is not None:
-            self.backbone = FeatureBackbone(config)
-        self.reset()
-
-    def target_needs(self) -> TargetNeeds:
-        return self.config.target_needs()
-
-    def bind(self, target: nn.Module) -> None:
-        self.config.adopt_target(target.config)
-        if self.backbone is None:
-            self.backbone = FeatureBackbone(self.config).to(target.get_input_embeddings().weight.device)
-        self.backbone.bind(target)
-
-    def _built(self) -> FeatureBackbone:
-        if self.backbone is None:
-            raise DraftsmithError("the eagle3 drafter is not built yet: call drafter.bind(target_model) first")
-        return self.backbone
 
     # -- training ------------------------------------------------------------------------------
 
@@ -125,12 +102,9 @@ class Eagle3Drafter(Drafter):
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> LossOutput:
         hidden, reference = check_features(self.config, features)
         outputs = self.unroll(batch["input_ids"], batch["attention_mask"].bool(), hidden)
-        return feature_loss(self._built(), outputs, batch, reference, self.config, self.config.topk)
+        return self.position_loss(outputs, batch, reference, self.config.topk)
 
     # -- decoding ------------------------------------------------------------------------------
-
-    def reset(self) -> None:
-        self.cache = FeatureCache()
 
     def max_draft_nodes(self) -> int:
         return self.config.tree_nodes

@@ -271,6 +271,13 @@ def check_batch(
     return hidden, features["logits"]
 
 
+def rank_hits(logits: torch.Tensor, labels: torch.Tensor, topk: int) -> torch.Tensor:
+    """``[topk]``: how many ``labels`` are the rank-r candidate of ``logits [N, V]`` (zero past the vocabulary)."""
+    ranks = min(topk, logits.shape[-1])
+    hit = (logits.detach().topk(ranks, dim=-1).indices == labels[:, None]).sum(0).float()
+    return F.pad(hit, (0, topk - ranks))
+
+
 def multi_head_loss(
     head_logits: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     batch: dict[str, torch.Tensor],
@@ -279,7 +286,9 @@ def multi_head_loss(
     topk: int,
     target_logits: torch.Tensor | None = None,
 ) -> LossOutput:
-    """``sum_k decay**(k-1) * L_k`` where L_k is head k's mean loss over its counted positions.
+    """``sum_k decay**(k-1) * L_k`` where L_k is head k's mean loss over its counted positions: the loss of every
+    drafter whose k-th draft position at hidden-state position t guesses token t+k+1 (Medusa's and Amphista's
+    heads, EAGLE-3's test steps, ParallelSpec's mask tokens).
 
     Head k (1-based) at position t predicts token t+k+1. Position t counts for head k when that label
     token is target-written (``loss_mask``) and both t and the label lie inside ``attention_mask``.
@@ -307,9 +316,6 @@ def multi_head_loss(
             reference = F.log_softmax(target_logits[rows, positions + k].detach().float(), dim=-1)
             term = F.kl_div(F.log_softmax(logits, dim=-1), reference, log_target=True, reduction="batchmean")
         terms.append(decay ** (k - 1) * term)
-        ranks = min(topk, logits.shape[-1])
-        top = logits.detach().topk(ranks, dim=-1).indices
-        hit = (top == labels[:, None]).sum(0).float()
-        hits.append(F.pad(hit, (0, topk - ranks)))
+        hits.append(rank_hits(logits, labels, topk))
         counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
     return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))

@@ -33,15 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from draftsmith.drafters.backbone import (
-    FeatureBackbone,
-    FeatureCache,
-    FeatureDrafterConfig,
-    check_features,
-    feature_loss,
-    step_zero,
-)
-from draftsmith.drafters.base import DecodeState, Draft, Drafter, LossOutput, TargetNeeds, register
+from draftsmith.drafters.backbone import FeatureDrafter, FeatureDrafterConfig, check_features, step_zero
+from draftsmith.drafters.base import DecodeState, Draft, LossOutput, register
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
 
@@ -103,38 +96,19 @@ def flex_group_attention(
 
 
 @register
-class ParallelSpecDrafter(TreeMixin, Drafter):
+class ParallelSpecDrafter(TreeMixin, FeatureDrafter):
     config_class = ParallelSpecConfig
     config: ParallelSpecConfig
 
     def __init__(self, config: ParallelSpecConfig) -> None:
         super().__init__(config)
-        self.backbone: FeatureBackbone | None = None
-        if config.hidden_size is not None and config.dim is not None:
-            self._build()
         self.draft_tree()
-        self.reset()
 
     def _build(self) -> None:
+        super()._build()
         c = self.config
-        self.backbone = FeatureBackbone(c)
         self.mask_embeds = nn.Parameter(torch.randn(c.parallel_tokens - 1, c.dim) * 0.02)
         self.mask_features = nn.Parameter(torch.randn(c.parallel_tokens - 1, c.dim) * 0.02)
-
-    def target_needs(self) -> TargetNeeds:
-        return self.config.target_needs()
-
-    def bind(self, target: nn.Module) -> None:
-        self.config.adopt_target(target.config)
-        if self.backbone is None:
-            self._build()
-            self.to(target.get_input_embeddings().weight.device)
-        self.backbone.bind(target)
-
-    def _built(self) -> FeatureBackbone:
-        if self.backbone is None:
-            raise DraftsmithError("the parallelspec drafter is not built yet: call drafter.bind(target_model) first")
-        return self.backbone
 
     # -- training ------------------------------------------------------------------------------
 
@@ -178,12 +152,9 @@ class ParallelSpecDrafter(TreeMixin, Drafter):
         hidden, reference = check_features(self.config, features)
         outputs = self.group_outputs(batch["input_ids"], batch["attention_mask"].bool(), hidden)
         positions = [outputs[:, :, d] for d in range(self.config.parallel_tokens)]
-        return feature_loss(self._built(), positions, batch, reference, self.config, self.config.tree_topk)
+        return self.position_loss(positions, batch, reference, self.config.tree_topk)
 
     # -- decoding ------------------------------------------------------------------------------
-
-    def reset(self) -> None:
-        self.cache = FeatureCache()
 
     def max_draft_nodes(self) -> int:
         return len(self.draft_tree().paths)

@@ -40,6 +40,15 @@ def tiny_llama(vocab_size: int = 128, hidden: int = 32, layers: int = 2, seed: i
     return LlamaForCausalLM(config).eval().requires_grad_(False)
 
 
+def perturb(module: torch.nn.Module, scale: float) -> torch.nn.Module:
+    """Add Gaussian noise of ``scale`` to every parameter (from the global RNG): a drafter whose every weight
+    matters, unlike a fresh one whose zero-initialised branches hide mistakes."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * scale)
+    return module
+
+
 def repetitive_llama(layers: int = 2, seed: int = 3) -> LlamaForCausalLM:
     """Weights scaled up so greedy output mixes repeats (drafts get accepted) with variety (and rejected)."""
     model = tiny_llama(layers=layers, seed=seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import repetitive_llama, tiny_llama
+from conftest import perturb, repetitive_llama, tiny_llama
 from test_eval_sampling import SAMPLING, VOCAB, assert_matches
 
 from draftsmith.drafters.backbone import step_zero
@@ -41,9 +41,7 @@ def test_training_unroll_equals_decoding_along_the_true_path(target) -> None:
     """Step i of the unroll at index t = the feature decoding computes for the depth-(i+1) node on the true path."""
     torch.manual_seed(0)
     drafter = drafter_for(target)
-    with torch.no_grad():
-        for param in drafter.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    perturb(drafter, 0.1)
     ids = torch.randint(3, 128, (1, 12))
     hidden = hidden_states(target, ids)
     steps = drafter.unroll(ids, torch.ones_like(ids, dtype=torch.bool), hidden)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import repetitive_llama
+from conftest import perturb, repetitive_llama
 
 from draftsmith.drafters.amphista import AmphistaConfig, AmphistaDrafter
 from draftsmith.drafters.base import Drafter
@@ -35,9 +35,7 @@ def drafter_for(kind: str, target, randomized: bool) -> Drafter:
     drafter.bind(target)
     if randomized:  # a drafter whose guesses are mostly wrong exercises rejection and rollback
         torch.manual_seed(5)
-        with torch.no_grad():
-            for param in drafter.parameters():
-                param.add_(torch.randn_like(param) * 0.3)
+        perturb(drafter, 0.3)
     return drafter.eval()
 
 

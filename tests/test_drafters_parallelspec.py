@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import repetitive_llama, tiny_llama
+from conftest import perturb, repetitive_llama, tiny_llama
 from test_drafters_eagle3 import LAYERS, fitted, hidden_states
 from test_eval_sampling import SAMPLING, VOCAB, assert_matches
 
@@ -78,9 +78,7 @@ def test_block_sparse_group_attention_equals_the_dense_mask(target) -> None:
 def test_group_training_equals_decoding(target) -> None:
     torch.manual_seed(0)
     drafter = drafter_for(target)
-    with torch.no_grad():
-        for param in drafter.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    perturb(drafter, 0.1)
     ids = torch.randint(3, 128, (1, 12))
     hidden = hidden_states(target, ids)
     with torch.no_grad():

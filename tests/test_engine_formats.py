@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama
+from conftest import perturb, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from draftsmith.drafters.base import DecodeState
@@ -104,9 +104,7 @@ def eagle(model, **overrides) -> Eagle3Drafter:
     settings = {"feature_layers": FEATURES, "tree_nodes": 8, "tree_depth": 3, "tree_topk": 3}
     drafter = Eagle3Drafter(Eagle3Config(**{**settings, **overrides}))
     drafter.bind(model)
-    with torch.no_grad():
-        for param in drafter.parameters():
-            param.add_(torch.randn_like(param) * 0.2)
+    perturb(drafter, 0.2)
     return drafter.eval()
 
 
@@ -306,9 +304,7 @@ def medusa(model, **overrides) -> MedusaDrafter:
     torch.manual_seed(3)
     drafter = MedusaDrafter(MedusaConfig(**{"num_heads": 3, "num_layers": 2, **overrides}))
     drafter.bind(model)
-    with torch.no_grad():
-        for param in drafter.parameters():
-            param.add_(torch.randn_like(param) * 0.3)
+    perturb(drafter, 0.3)
     return drafter.eval()
 
 

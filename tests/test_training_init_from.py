@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import perturb, tiny_llama
 
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.medusa import MedusaConfig, MedusaDrafter
@@ -17,9 +17,7 @@ def test_a_fresh_drafter_starts_from_an_exports_weights(tmp_path) -> None:
     model = tiny_llama()
     trained = MedusaDrafter(MedusaConfig(num_heads=2, tree_nodes=4))
     trained.bind(model)
-    with torch.no_grad():
-        for param in trained.parameters():
-            param.add_(torch.randn_like(param))
+    perturb(trained, 1.0)
     trained.save_pretrained(tmp_path / "export")
     target = SimpleNamespace(model=model)
     fresh = build_drafter({"kind": "medusa", "num_heads": 2, "tree_nodes": 4}, target)
