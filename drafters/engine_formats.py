@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from draftsmith.drafters.base import resolve_export
+from draftsmith.drafters.base import DrafterConfig, resolve_export
 from draftsmith.drafters.eagle3 import Eagle3Config, Eagle3Drafter
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.medusa import MedusaDrafter
@@ -347,17 +347,18 @@ SERVING = {
 }
 
 
-def engine_forms(drafter: Any, requested: list[str]) -> list[str]:
-    """The forms to write for ``drafter``: ``["auto"]`` = every form its kind has; names it lacks are refused."""
-    has = ENGINE_FORMS.get(drafter.config.kind, ())
-    if getattr(drafter.config, "adapts_target", False):
+def engine_forms(config: DrafterConfig, requested: list[str]) -> list[str]:
+    """The forms to write for a drafter of ``config``: ``["auto"]`` = every form its kind has; names it lacks are
+    refused (a config is enough, so a run checks this before its slow steps)."""
+    has = ENGINE_FORMS.get(config.kind, ())
+    if getattr(config, "adapts_target", False):
         has = ()  # Medusa-2: an engine would serve the original target, not the adapted one the heads learned
     if requested == ["auto"]:
         return list(has)
     missing = [name for name in requested if name not in has]
     if missing:
         raise DraftsmithError(
-            f"export.engines: a {drafter.config.kind} drafter has no {', '.join(missing)} form "
+            f"export.engines: a {config.kind} drafter has no {', '.join(missing)} form "
             f"(it has: {', '.join(has) or 'none'}); set export.engines=[auto] or [] "
         )
     return list(requested)

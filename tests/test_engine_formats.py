@@ -349,3 +349,14 @@ def test_vllm_medusa_refuses_a_biased_lm_head(tmp_path) -> None:
     model.lm_head = torch.nn.Linear(32, 128, bias=True)
     with pytest.raises(DraftsmithError, match="bias"):
         write_vllm_medusa(drafter, tmp_path, model)
+
+
+def test_engine_forms_per_kind_and_refusals() -> None:
+    from draftsmith.drafters.amphista import AmphistaConfig
+    from draftsmith.drafters.engine_formats import engine_forms
+
+    assert engine_forms(Eagle3Config(), ["auto"]) == ["speculators", "sglang"]
+    assert engine_forms(MedusaConfig(), ["auto"]) == ["vllm"] and engine_forms(MedusaConfig(), []) == []
+    assert engine_forms(MedusaConfig(lora_rank=8), ["auto"]) == []  # Medusa-2: an engine would serve the base target
+    with pytest.raises(DraftsmithError, match="amphista drafter has no vllm form"):
+        engine_forms(AmphistaConfig(), ["vllm"])

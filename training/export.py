@@ -163,7 +163,7 @@ def _write_staged(
         # peft's own card is a blank template naming this machine's target folder; README.md covers the adapter
         (staging / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     requested = list(OmegaConf.select(resolved, "export.engines", default=None) or [])
-    engines = engine_forms(drafter, requested) if target_model is not None else []
+    engines = engine_forms(drafter.config, requested) if target_model is not None else []
     write_engine_forms(drafter, staging / "engines", target_model, target_source or identity.name, engines)
     card = model_card(drafter, identity, summary, target_source, adapted=adapter is not None, engines=engines)
     (staging / "README.md").write_text(card)

@@ -182,7 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     evaluation = AcceptanceSettings.from_config(cfg.eval)
     trainer_kwargs = trainer_arguments(settings)
     zero3 = settings.strategy == "deepspeed" and settings.zero_stage == 3
-    check_adapted_target(drafter_config(cfg.drafter), settings, zero3)
+    config = drafter_config(cfg.drafter)
+    check_adapted_target(config, settings, zero3)
+    engine_forms(config, list(cfg.export.engines))  # a form the kind lacks is refused before the slow steps
     L.seed_everything(int(cfg.seed), workers=True)
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
     data_dir = Path(data.build_distilled(cfg.data, target))
@@ -202,7 +204,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data, drafter))
     if settings.strategy == "deepspeed":
         module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out
-    engine_forms(drafter, list(cfg.export.engines))  # a form the kind lacks is refused now, not after an epoch
     exporter = Exporter(
         out / "export", target.identity, OmegaConf.to_container(cfg, resolve=True), module.adapter, target.model
     )
