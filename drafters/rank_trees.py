@@ -17,7 +17,8 @@ heads are independent.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,32 +54,54 @@ def max_tree_nodes(num_heads: int, topk: int) -> int:
     return sum(topk**d for d in range(1, num_heads + 1))
 
 
-def build_tree(rank_acc: Sequence[Sequence[float]], n_nodes: int) -> list[Path]:
-    """The greedy Medusa tree of ``n_nodes`` nodes (see module docstring), sorted by depth, then path.
-
-    Ties go to the lexicographically smaller path, so the result is deterministic.
-    """
+def _checked_rank_acc(rank_acc: Sequence[Sequence[float]]) -> tuple[int, int]:
+    """``(heads, ranks)`` of a rank-accuracy table, refused in one line when it is not one."""
     depth_max = len(rank_acc)
     topk = len(rank_acc[0]) if depth_max else 0
     if depth_max == 0 or topk == 0 or any(len(row) != topk for row in rank_acc):
         raise DraftsmithError("rank_acc must be a non-empty [heads][ranks] table with the same ranks for every head")
     if any(not 0.0 <= float(v) <= 1.0 for row in rank_acc for v in row):
         raise DraftsmithError("rank_acc holds probabilities: every value must lie in [0, 1]")
+    return depth_max, topk
+
+
+def greedy_nodes(rank_acc: Sequence[Sequence[float]]) -> Iterator[tuple[float, Path]]:
+    """Every node of the complete tree as ``(value, path)``, in the order the greedy construction adds them
+    (highest value first whose parent is in; ties to the smaller path). The first n form the n-node tree."""
+    depth_max, topk = _checked_rank_acc(rank_acc)
+    frontier = [(-float(rank_acc[0][r]), (r,)) for r in range(topk)]
+    heapq.heapify(frontier)
+    while frontier:
+        neg_value, path = heapq.heappop(frontier)
+        yield -neg_value, path
+        if len(path) < depth_max:
+            for r in range(topk):
+                heapq.heappush(frontier, (neg_value * float(rank_acc[len(path)][r]), path + (r,)))
+
+
+def build_tree(rank_acc: Sequence[Sequence[float]], n_nodes: int) -> list[Path]:
+    """The greedy Medusa tree of ``n_nodes`` nodes (see module docstring), sorted by depth, then path.
+
+    Ties go to the lexicographically smaller path, so the result is deterministic.
+    """
+    depth_max, topk = _checked_rank_acc(rank_acc)
     limit = max_tree_nodes(depth_max, topk)
     if not 0 <= n_nodes <= limit:
         raise DraftsmithError(
             f"tree_nodes={n_nodes} is impossible with {depth_max} heads and top-{topk}: use 0..{limit}"
         )
-    frontier = [(-float(rank_acc[0][r]), (r,)) for r in range(topk)]
-    heapq.heapify(frontier)
-    chosen: list[Path] = []
-    while len(chosen) < n_nodes:
-        neg_value, path = heapq.heappop(frontier)
-        chosen.append(path)
-        if len(path) < depth_max:
-            for r in range(topk):
-                heapq.heappush(frontier, (neg_value * float(rank_acc[len(path)][r]), path + (r,)))
+    chosen = [path for _, path in itertools.islice(greedy_nodes(rank_acc), n_nodes)]
     return sorted(chosen, key=lambda p: (len(p), p))
+
+
+def expected_appended(rank_acc: Sequence[Sequence[float]], max_nodes: int) -> list[float]:
+    """``E[tokens appended]`` of one verification with the greedy tree of n nodes, for n = 0 .. ``max_nodes``
+    (at most the complete tree): 1 (the target's bonus token) + the values of the n nodes, each the chance
+    that its whole path is accepted."""
+    expected = [1.0]
+    for value, _ in itertools.islice(greedy_nodes(rank_acc), max(max_nodes, 0)):
+        expected.append(expected[-1] + value)
+    return expected
 
 
 @dataclass(frozen=True)
@@ -142,14 +165,25 @@ def tree_draft(paths: Sequence[Sequence[int]] | CompiledTree, topk_tokens: torch
     return Draft(tokens=tokens.long(), parents=tree.parents.to(device))
 
 
+# Pseudo-observations the training-measured accuracy of a (head, rank) counts for when acceptance seen while
+# decoding refines it: about this many verifications at that node before the online figure dominates.
+ONLINE_PRIOR_WEIGHT = 32.0
+
+
 class TreeMixin:
     """The tree a drafter with per-position candidates (multi-head, ParallelSpec) hangs them in:
     ``config.tree`` if set, else the greedy tree of ``config.tree_nodes`` nodes built from ``config.rank_acc``
     (measured in training) or the prior (`prior_rank_acc`). It implements the Drafter hooks for that tree:
-    ``calibrate`` rebuilds it from measured accuracies, ``set_draft_size`` resizes it."""
+    ``calibrate`` rebuilds it from measured accuracies, ``set_draft_size`` resizes it.
+
+    For an evaluator that sizes the tree per step (``tree_nodes=auto``) it also keeps the acceptance seen while
+    decoding (`observe_acceptance`), blends it into the trained accuracies (`expected_appended`) and decodes with
+    a tree of any size without touching the config (`shape_draft`), so an export keeps the tree it was trained
+    with."""
 
     config: Any
     _compiled_tree: CompiledTree | None = None
+    _online: tuple[list[list[float]], list[list[float]]] | None = None  # (hits, trials) per [head][rank]
     measured_fields = ("tree", "tree_nodes", "rank_acc")
 
     def calibrate(self, rank_accuracy: list[list[float]]) -> None:
@@ -215,3 +249,59 @@ class TreeMixin:
         if n_nodes < 1:
             raise DraftsmithError(f"tree_nodes={n_nodes}: a tree needs at least one node")
         self.set_tree(build_tree(rank_acc, min(n_nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0])))))
+
+    # -- sizing per step (tree_nodes=auto) ---------------------------------------------------------------
+
+    def forget_acceptance(self) -> None:
+        """Drop the acceptance seen while decoding (new weights, or a new evaluation)."""
+        self._online = None
+
+    def observe_acceptance(self, accepted: Sequence[int]) -> None:
+        """Count, below each accepted node of the last verified draft (the current tree, or its first nodes),
+        which ranks were offered (trials) and which one the target took (a hit). The counts are conditional on
+        the path above being accepted, which is what a node's value multiplies."""
+        paths = self.draft_tree().paths
+        if self._online is None:
+            size = (self.config.num_heads, self.config.tree_topk)
+            self._online = tuple([[0.0] * size[1] for _ in range(size[0])] for _ in range(2))
+        hits, trials = self._online
+        offered: dict[Path, list[int]] = {}
+        for path in paths:
+            offered.setdefault(path[:-1], []).append(path[-1])
+        parent: Path = ()
+        for depth in range(self.config.num_heads):
+            for rank in offered.get(parent, []):
+                trials[depth][rank] += 1.0
+            if depth >= len(accepted) or accepted[depth] >= len(paths):
+                return
+            parent = paths[accepted[depth]]
+            hits[depth][parent[-1]] += 1.0
+
+    def _blended_rank_acc(self) -> list[list[float]]:
+        trained = self._rank_acc()
+        if self._online is None:
+            return trained
+        hits, trials = self._online
+        weight = ONLINE_PRIOR_WEIGHT
+        return [
+            [(weight * p + h) / (weight + t) for p, h, t in zip(row, hit_row, trial_row, strict=True)]
+            for row, hit_row, trial_row in zip(trained, hits, trials, strict=True)
+        ]
+
+    def expected_appended(self, max_nodes: int) -> list[float]:
+        """``E[tokens appended]`` per verification for each tree size 0 .. ``max_nodes`` (at most the complete
+        tree), from the trained accuracies refined by the acceptance observed so far."""
+        rank_acc = self._blended_rank_acc()
+        return expected_appended(rank_acc, min(max_nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0]))))
+
+    def shape_draft(self, nodes: int | None) -> None:
+        """Draft with the greedy tree of ``nodes`` nodes from the refined accuracies, leaving ``config.tree`` (what
+        an export carries) alone; None = back to the configured tree."""
+        if nodes is None:
+            self._compiled_tree = None
+            return
+        if nodes < 1:
+            raise DraftsmithError(f"tree_nodes={nodes}: a tree needs at least one node")
+        rank_acc = self._blended_rank_acc()
+        nodes = min(nodes, max_tree_nodes(len(rank_acc), len(rank_acc[0])))
+        self._compiled_tree = self._checked_tree(build_tree(rank_acc, nodes))

@@ -26,10 +26,14 @@ class EvalConfig:
     temperature: float = 0.0  # 0 = greedy (lossless check on); > 0 = speculative sampling
     top_p: float = 1.0
     seed: int = 0
-    tree_nodes: int | None = None  # medusa/amphista: rebuild the candidate tree at this size from training's accuracies
+    # auto = each step's draft size chosen by the measured cost model (eval/cost_model.py); N = a fixed size (a tree
+    # drafter rebuilds its tree at N nodes from training's accuracies)
+    tree_nodes: str = "auto"
     threads: int | None = None  # torch CPU threads (null = torch's default); 1 avoids stalls on a shared CPU
     dtype: str | None = None  # the target's dtype: float32 | bfloat16 | float16 | auto; null = its preset's
     out: str = "outputs/eval"
+    profile: bool = False  # only print the cost model (target step time per verified rows, drafter cost) and plot it
+    refresh: bool = False  # measure the cost model again instead of reading the cached one
 
     def __post_init__(self) -> None:
         def at_least_one(name: str, optional: bool) -> None:
@@ -39,7 +43,8 @@ class EvalConfig:
 
         at_least_one("limit", optional=True)
         at_least_one("max_new_tokens", optional=False)
-        at_least_one("tree_nodes", optional=True)
+        if self.tree_nodes != "auto" and not (str(self.tree_nodes).isdigit() and int(self.tree_nodes) >= 1):
+            raise DraftsmithError(f"tree_nodes={self.tree_nodes}: use auto or a number of draft nodes >= 1")
         at_least_one("threads", optional=True)
         if self.temperature < 0:
             raise DraftsmithError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
@@ -49,6 +54,11 @@ class EvalConfig:
             raise DraftsmithError(f"dtype={self.dtype}: use float32, bfloat16, float16, auto or null (the preset's)")
         if not self.drafter or not self.target or not self.out:
             raise DraftsmithError("drafter, target and out must not be empty")
+
+    @property
+    def draft_size(self) -> int | None:
+        """The fixed draft size, or None for ``tree_nodes=auto``."""
+        return None if self.tree_nodes == "auto" else int(self.tree_nodes)
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> EvalConfig:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
 
 from draftsmith.drafters import trees as tree
-from draftsmith.drafters.base import DecodeState, Drafter, UsesDecoder
+from draftsmith.drafters.base import DecodeState, Draft, Drafter, UsesDecoder
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.sampling import SamplingConfig, warp
 from draftsmith.eval import acceptance
@@ -19,11 +20,29 @@ from draftsmith.eval.kvcache import RollbackCache
 @dataclass(frozen=True)
 class StepRecord:
     """One verification forward: ``appended`` tokens joined the output (accepted + bonus, after cutting
-    at eos / max_new_tokens), ``accepted`` draft tokens passed, ``offered`` draft tokens could have."""
+    at eos / max_new_tokens), ``accepted`` draft tokens passed, ``offered`` draft tokens could have.
+    ``rows``: rows verified (the root + draft nodes); ``draft_s``: the drafter's time (0 when it was not asked);
+    ``verify_s``: everything else of the step (layout, target forward, acceptance, cache compaction)."""
 
     appended: int
     accepted: int
     offered: int
+    rows: int = 1
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+class DraftPlanner(Protocol):
+    """Chooses each step's draft size (``tree_nodes=auto``, `eval.cost_model.DraftShaper`)."""
+
+    def plan(self, length: int, capacity: int) -> int:
+        """The most draft nodes to verify next, at ``length`` verified tokens in a cache of ``capacity`` slots;
+        0 = a plain step, for which the drafter is not asked."""
+        ...
+
+    def observe(self, verdict: acceptance.Verdict, record: StepRecord) -> None:
+        """What the step just verified gave and cost."""
+        ...
 
 
 @dataclass
@@ -138,7 +157,9 @@ class SpeculativeDecoder:
         drafter: Drafter,
         max_new_tokens: int,
         generator: torch.Generator | None = None,
+        planner: DraftPlanner | None = None,
     ) -> Generation:
+        """Decode ``prompt_ids`` with ``drafter``; a ``planner`` sizes every draft (``tree_nodes=auto``)."""
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         if prompt.numel() == 0:
             raise DraftsmithError("empty prompt: give at least one token")
@@ -169,35 +190,30 @@ class SpeculativeDecoder:
         length, new_from, drafter_s = n + 1, 0, 0.0
 
         while len(result.tokens) < max_new_tokens and result.tokens[-1] not in self.eos_ids:
-            state = DecodeState(
-                tokens=tokens[:length],
-                prompt_len=n,
-                hidden={layer: buffer[: length - 1] for layer, buffer in buffers.items()},
-                new_from=new_from,
-                sampling=self.sampling,
-                generator=generator,
-            )
-            drafted, target_before = time.perf_counter(), self.target_s
-            draft = drafter.propose(state)
-            # forwards a self-drafting drafter ran through this engine are drafter time, not verification
-            self.target_s = target_before
-            drafter_s += time.perf_counter() - drafted
-            tree.validate(draft)
-            draft = tree.truncate(draft, min(self.max_draft_nodes, cache.capacity - length - 1))
-            shape = tree.layout(draft.parents)
-            start = length - 1
-            step_input = torch.cat([tokens[start : start + 1], draft.tokens])
-            logits, hidden = self.forward(step_input, start, shape.depths, shape.visible, hidden=bool(layers))
-            if self.sampling.greedy:
-                verdict = acceptance.accept_greedy(draft, shape, logits)
+            room = min(self.max_draft_nodes, cache.capacity - length - 1)
+            if planner is not None:
+                room = min(room, planner.plan(length, cache.capacity))
+            drafted = time.perf_counter()
+            if room > 0:
+                state = DecodeState(
+                    tokens=tokens[:length],
+                    prompt_len=n,
+                    hidden={layer: buffer[: length - 1] for layer, buffer in buffers.items()},
+                    new_from=new_from,
+                    sampling=self.sampling,
+                    generator=generator,
+                )
+                target_before = self.target_s
+                draft = drafter.propose(state)
+                # forwards a self-drafting drafter ran through this engine are drafter time, not verification
+                self.target_s = target_before
+                tree.validate(draft)
+                draft = tree.truncate(draft, room)
             else:
-                verdict = acceptance.accept_sampling(draft, shape, logits, self.sampling, generator)
-
-            kept_rows = torch.tensor([0] + [node + 1 for node in verdict.path])
-            if verdict.path:
-                src = (start + 1 + torch.tensor(verdict.path)).to(self.device)
-                dst = torch.arange(start + 1, start + 1 + len(verdict.path), device=self.device)
-                cache.move(src, dst)
+                draft = Draft.empty()
+            verifying = time.perf_counter()
+            start = length - 1
+            verdict, kept_rows, hidden = self._verify(draft, tokens, start, bool(layers), generator)
             for layer, buffer in buffers.items():
                 buffer[start : start + kept_rows.numel()] = hidden[layer][0, kept_rows.to(self.device)]
 
@@ -205,12 +221,44 @@ class SpeculativeDecoder:
             new = self._cut(new, max_new_tokens - len(result.tokens))
             result.tokens.extend(new)
             tokens[length : length + len(new)] = torch.tensor(new)
-            new_from, length = start, length + len(new)
-            result.steps.append(StepRecord(appended=len(new), accepted=len(verdict.path), offered=verdict.offered))
+            if room > 0:  # a drafter keeping incremental state reads from the first position it has not seen
+                new_from = start
+            length += len(new)
+            ended = time.perf_counter()
+            drafter_s += verifying - drafted
+            record = StepRecord(
+                appended=len(new),
+                accepted=len(verdict.path),
+                offered=verdict.offered,
+                rows=len(draft) + 1,
+                draft_s=verifying - drafted,
+                verify_s=ended - verifying,
+            )
+            result.steps.append(record)
+            if planner is not None:
+                planner.observe(verdict, record)
 
         result.wall_s = time.perf_counter() - began
         result.target_s, result.drafter_s = self.target_s, drafter_s
         return result
+
+    def _verify(
+        self, draft: Draft, tokens: torch.Tensor, start: int, hidden: bool, generator: torch.Generator | None
+    ) -> tuple[acceptance.Verdict, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Verify ``draft`` below the root ``tokens[start]`` in one forward, accept, and compact the accepted
+        path's cache entries. Returns the verdict, the rows kept (root + path) and the hidden states."""
+        shape = tree.layout(draft.parents)
+        step_input = torch.cat([tokens[start : start + 1], draft.tokens])
+        logits, states = self.forward(step_input, start, shape.depths, shape.visible, hidden=hidden)
+        if self.sampling.greedy:
+            verdict = acceptance.accept_greedy(draft, shape, logits)
+        else:
+            verdict = acceptance.accept_sampling(draft, shape, logits, self.sampling, generator)
+        if verdict.path:
+            src = (start + 1 + torch.tensor(verdict.path)).to(self.device)
+            dst = torch.arange(start + 1, start + 1 + len(verdict.path), device=self.device)
+            self.cache.move(src, dst)
+        return verdict, torch.tensor([0] + [node + 1 for node in verdict.path]), states
 
     def _cut(self, new: list[int], room: int) -> list[int]:
         """Stop at the first end-of-sequence token and at the token budget."""

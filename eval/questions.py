@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from draftsmith.drafters.base import Drafter
-    from draftsmith.eval.engine import Generation, SpeculativeDecoder
+    from draftsmith.eval.engine import DraftPlanner, Generation, SpeculativeDecoder
 
 DEFAULT_QUESTIONS = Path(str(resources.files("draftsmith.eval") / "question_sets" / "mini_specbench.jsonl"))
 Question = Conversation
@@ -69,9 +69,10 @@ class Dialogue:
         drafter: Drafter,
         max_new_tokens: int,
         rng: torch.Generator | None = None,
+        planner: DraftPlanner | None = None,
     ) -> tuple[list[int], Generation]:
         """Ask ``text``, decode the answer and keep both in the history. Returns the prompt and the generation."""
         prompt = self.prompt(text)
-        generation = decoder.generate(prompt, drafter, max_new_tokens, rng)
+        generation = decoder.generate(prompt, drafter, max_new_tokens, rng, planner)
         self.ids = prompt + generation.tokens
         return prompt, generation

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -14,6 +14,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from draftsmith.drafters.errors import DraftsmithError  # noqa: E402
+
+if TYPE_CHECKING:
+    from draftsmith.eval.cost_model import CostModel
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -67,9 +70,36 @@ def drift_sentence(summary: dict[str, Any]) -> str | None:
     )
 
 
+def shape_sentence(settings: dict[str, Any]) -> str:
+    """How the drafts were sized: a fixed tree, or per step by the measured cost model (``tree_nodes=auto``)."""
+    shape = settings.get("draft_shape")
+    if shape is None:
+        return f", a {settings['tree_nodes']}-node candidate tree" if "tree_nodes" in settings else ""
+    cost = shape["cost_model"]
+    plain_share = shape["plain_step_share"]
+    return (
+        f", draft size chosen per step by the measured cost model (most often {shape['most_chosen_nodes']} nodes; "
+        f"{'n/a' if plain_share is None else f'{100 * plain_share:.0f}%'} plain steps; {cost['dtype']} on "
+        f"{cost['device']} with {cost['threads']} thread(s), a plain step {cost['plain_step_ms']:.1f} ms)"
+    )
+
+
+def match_sentence(summary: dict[str, Any]) -> str | None:
+    """Outside float32 a batched verification rounds differently from a one-token step, so greedy outputs may
+    part from plain decoding's: the share of turns that did not is the figure to read there."""
+    dtype = summary["settings"].get("dtype", "float32")
+    if dtype == "float32" or summary.get("match_rate") is None:
+        return None
+    return (
+        f"In {dtype} greedy equality is not exact (a verification of many rows rounds differently from a one-token "
+        f"step): {_fmt(100 * summary['match_rate'], 1)}% of the turns are token for token plain {dtype} decoding's "
+        "(match rate); lossless mismatches count the questions where they part."
+    )
+
+
 def markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     settings = summary["settings"]
-    tree_note = f", a {settings['tree_nodes']}-node candidate tree" if "tree_nodes" in settings else ""
+    tree_note = shape_sentence(settings)
     lines = [
         f"# Speculative decoding: `{summary['drafter']}` on `{summary['target']}`",
         "",
@@ -84,9 +114,9 @@ def markdown(summary: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         "",
         *_overview(summary),
     ]
-    drift = drift_sentence(summary)
-    if drift:
-        lines += ["", drift]
+    for sentence in (match_sentence(summary), drift_sentence(summary)):
+        if sentence:
+            lines += ["", sentence]
     for category in summary["by_category"]:
         lines += ["", f"## {category}", "", *_category_table([r for r in rows if r["category"] == category])]
     return "\n".join(lines) + "\n"
@@ -114,6 +144,22 @@ def plots(summary: dict[str, Any], rows: Sequence[dict[str, Any]], out: Path) ->
     ax.tick_params(axis="x", rotation=30)
     written.append(_save(fig, out / "tau_by_category.png"))
     return written
+
+
+def cost_plot(cost: CostModel, path: Path) -> Path:
+    """The measured verification cost against rows verified, one line per cache size, relative to a plain step."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for capacity, line in zip(cost.capacities, cost.verify_s, strict=True):
+        label = f"cache {capacity}, plain {1000 * line[0]:.1f} ms"
+        ax.plot(cost.rows, [t / line[0] for t in line], marker="o", label=label)
+    key = cost.key
+    ax.set(
+        xlabel="rows verified (root + draft nodes)",
+        ylabel="step time / plain step",
+        title=f"{key['target']}, {key['dtype']}, {key['device']}, {key['threads']} thread(s)",
+    )
+    ax.legend()
+    return _save(fig, path)
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

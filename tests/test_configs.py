@@ -304,10 +304,12 @@ def test_eval_cli_keys_and_defaults() -> None:
         "temperature": 0.0,
         "top_p": 1.0,
         "seed": 0,
-        "tree_nodes": None,
+        "tree_nodes": "auto",
         "threads": None,
         "dtype": None,
         "out": "outputs/eval",
+        "profile": False,
+        "refresh": False,
     }
     assert dataclasses.asdict(EvalConfig.from_config(config)) == config
 
