@@ -172,7 +172,7 @@ def _schema(cls: type) -> Any:
     def writable(config: DictConfig) -> None:
         OmegaConf.set_readonly(config, None)
         for _, child in config.items_ex(resolve=False):
-            if isinstance(child, DictConfig):
+            if isinstance(child, DictConfig) and not child._is_none():  # an optional mapping left null
                 writable(child)
 
     writable(node)
