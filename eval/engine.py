@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from transformers import PreTrainedModel
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 from draftsmith.drafters import trees as tree
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, UsesDecoder
@@ -59,6 +61,39 @@ class Generation:
     def overhead_s(self) -> float:
         """Time spent neither in target forwards nor in the drafter: the engine's own bookkeeping."""
         return max(self.wall_s - self.target_s - self.drafter_s, 0.0)
+
+
+GROUPED_SDPA = "draftsmith_grouped_sdpa"
+SDPA_HAS_GROUPS = is_torch_greater_or_equal("2.5")  # enable_gqa
+
+
+def grouped_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention for a masked query of several rows, with grouped-query heads left to the
+    kernel (``enable_gqa``). transformers copies every key and value of the whole cache once per head group
+    there (``repeat_kv``), which on a CPU made a tree verification cost well above a bare forward of as many
+    tokens; the output is the same."""
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: object | None = None) -> set[int]:
@@ -132,16 +167,24 @@ class SpeculativeDecoder:
         mask[:, :start] = 0.0
         mask[:, start : start + rows].masked_fill_(visible.to(self.device), 0.0)
         cache.write_at(start)
+        config = self.model.config
+        own_attention = config._attn_implementation
+        if rows > 1 and own_attention == "sdpa" and self.device.type == "cpu" and SDPA_HAS_GROUPS:
+            # per call, so the target model itself is left as it was (a GPU's SDPA kernels want no mask with GQA)
+            config._attn_implementation = GROUPED_SDPA
         began = time.perf_counter()
-        out = self.model(
-            input_ids=input_ids.view(1, -1).to(self.device),
-            position_ids=(depths + start).view(1, -1).to(self.device),
-            attention_mask=mask.view(1, 1, rows, -1),
-            past_key_values=cache.cache,
-            use_cache=True,
-            output_hidden_states=hidden,
-            logits_to_keep=1 if last_logits_only else 0,
-        )
+        try:
+            out = self.model(
+                input_ids=input_ids.view(1, -1).to(self.device),
+                position_ids=(depths + start).view(1, -1).to(self.device),
+                attention_mask=mask.view(1, 1, rows, -1),
+                past_key_values=cache.cache,
+                use_cache=True,
+                output_hidden_states=hidden,
+                logits_to_keep=1 if last_logits_only else 0,
+            )
+        finally:
+            config._attn_implementation = own_attention
         self.target_s += time.perf_counter() - began
         return out.logits[0].float(), out.hidden_states if hidden else None
 

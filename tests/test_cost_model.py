@@ -6,7 +6,9 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import repetitive_llama, tiny_llama
+from transformers import AttentionInterface
 
 from draftsmith.drafters.base import DecodeState, Draft
 from draftsmith.drafters.errors import DraftsmithError
@@ -15,7 +17,8 @@ from draftsmith.drafters.ngram import NgramDrafter
 from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.drafters.rank_trees import build_tree, expected_appended
 from draftsmith.drafters.target import Target, TargetIdentity
-from draftsmith.eval import cost_model
+from draftsmith.drafters.trees import layout
+from draftsmith.eval import cost_model, engine
 from draftsmith.eval.acceptance import Verdict
 from draftsmith.eval.config import EvalConfig
 from draftsmith.eval.cost_model import CostModel, DraftShaper, load_cost, measured_cost, profile_target, save_cost
@@ -234,3 +237,29 @@ def test_summary_match_rate_counts_identical_turns():
     rows = [{**row, "lossless": False, "identical_turns": 1}, {**row, "lossless": True, "identical_turns": 2}]
     summary = summarize(rows, "d", "t", {"dtype": "bfloat16"})
     assert summary["match_rate"] == pytest.approx(0.75) and summary["lossless_mismatches"] == 1
+
+
+def test_the_engines_grouped_attention_gives_transformers_sdpa_logits(monkeypatch):
+    model = tiny_llama()  # 4 query heads over 2 key/value heads
+    assert model.config._attn_implementation == "sdpa"
+    draft = Draft(tokens=torch.tensor([5, 6, 7, 8]), parents=torch.tensor([-1, 0, -1, 2]))
+    shape = layout(draft.parents)
+    logits, calls = {}, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return engine.grouped_sdpa(*args, **kwargs)
+
+    AttentionInterface.register(engine.GROUPED_SDPA, counted)
+    for grouped in (True, False):
+        monkeypatch.setattr(engine, "SDPA_HAS_GROUPS", grouped)
+        decoder = SpeculativeDecoder(model, eos_ids=set())
+        decoder._ensure_capacity(40)
+        prompt = torch.arange(3, 20)
+        decoder.forward(prompt, 0, torch.arange(prompt.numel()), torch.ones(17, 17, dtype=torch.bool).tril())
+        step = torch.cat([torch.tensor([4]), draft.tokens])
+        logits[grouped] = decoder.forward(step, 17, shape.depths, shape.visible)[0]
+    AttentionInterface.register(engine.GROUPED_SDPA, engine.grouped_sdpa)
+    assert len(calls) == 2 * model.config.num_hidden_layers  # the prefill and the tree, grouped; then neither
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-6)
+    assert model.config._attn_implementation == "sdpa"  # the target itself is left as it was
