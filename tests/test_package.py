@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"draftsmith-train", "draftsmith-data", "draftsmith-eval"}
+SCRIPTS = {"draftsmith-train", "draftsmith-data", "draftsmith-eval", "draftsmith-export"}
 # what a checkout holds besides the source: never part of a build
 NOT_SOURCE = (".venv", ".git", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis")
 

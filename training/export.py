@@ -15,11 +15,12 @@ from safetensors import SafetensorError
 from torch import nn
 
 from draftsmith.drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
-from draftsmith.drafters.engine_formats import SERVING, engine_forms, write_engine_forms
+from draftsmith.drafters.engine_formats import ENGINE_FORMS, engine_forms, write_engine_forms
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import TargetIdentity
 from draftsmith.eval.report import drift_sentence
 from draftsmith.training.report import markdown_table
+from draftsmith.training.serving import FORM_ENGINES, closest_route, serving_command
 
 
 def _base_model(identity: TargetIdentity, target_source: str | None) -> str | None:
@@ -104,10 +105,60 @@ The drafter refuses a target whose tokenizer differs (tokenizer hash `{identity.
 """
     if adapted:
         body += ADAPTED_TARGET.format(folder=ADAPTER_DIR, name=identity.name)
-    if engines:
-        body += "\n## Serving engines\n\nThis export also carries the forms serving engines load (`engines/`):\n\n"
-        body += "".join(f"- `engines/{name}`: {SERVING[name]}\n" for name in engines)
+    body += serving_section(drafter, identity, data.base_model, engines)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content
+
+
+ENGINE_NAMES = {"vllm": "vLLM", "speculators": "speculators", "sglang": "SGLang"}
+
+
+def serving_section(drafter: Drafter, identity: TargetIdentity, base_model: str | None, engines: list[str]) -> str:
+    """The card's "Serving engines": which engine loads which of ``engines`` (the forms in ``engines/``), with
+    the command that serves the target with it; or, without forms, how to get one or what comes closest."""
+    config = drafter.config
+    section = "\n## Serving engines\n\n"
+    if not engines:
+        if engine_forms(config, ["auto"]):
+            return section + (
+                "This export carries no engine forms. Write the one an engine loads with "
+                "`draftsmith-export PATH --to vllm|speculators|sglang` (PATH: this export's folder).\n"
+            )
+        route = closest_route(config)
+        return section + f"No serving engine loads this {config.kind} drafter. Closest engine route: {route}.\n"
+    target = base_model or "TARGET"
+    section += (
+        "`engines/` holds this drafter in the forms serving engines load. PATH is a local copy of this export "
+        "(`hf download ORG/NAME --local-dir PATH` for a published one)"
+    )
+    if base_model is None:
+        section += f"; TARGET is `{identity.name}` as the engine loads it (a Hub id or a transformers folder)"
+    section += ".\n\n"
+    items = []
+    for form in engines:
+        served_by = " and ".join(ENGINE_NAMES[engine] for engine in FORM_ENGINES[form])
+        command = serving_command(form, config, f"PATH/engines/{form}", target)
+        items.append(f"- `engines/{form}` ({served_by}):\n\n  ```bash\n  {command}\n  ```\n")
+    return section + "\n".join(items)
+
+
+def refresh_model_card(directory: str | Path, drafter: Drafter) -> Path:
+    """Rewrite the README.md of the export ``directory`` (loaded as ``drafter``) for the engine forms now in its
+    ``engines/`` (`draftsmith-export` adds them); the rest of the card is redrawn from the export's own files."""
+    directory = Path(directory)
+    config = drafter.export_config
+    identity = TargetIdentity(**config["target"])
+    summary_path = directory / "eval" / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    recipe = directory / "recipe.yaml"
+    resolved = OmegaConf.load(recipe) if recipe.is_file() else OmegaConf.create()
+    target_source = OmegaConf.select(resolved, "target.source", default=None)
+    present = {path.parent.name for path in (directory / "engines").glob("*/config.json")}
+    engines = [form for form in ENGINE_FORMS.get(drafter.config.kind, ()) if form in present]
+    card = model_card(drafter, identity, summary, target_source, adapted=bool(config.get(ADAPTER_KEY)), engines=engines)
+    staged = directory / "README.md.partial"
+    staged.write_text(card)
+    staged.replace(directory / "README.md")
+    return directory / "README.md"
 
 
 def write_export(
