@@ -338,13 +338,7 @@ def load_speculators(folder: str | Path, target_model: nn.Module) -> Eagle3Draft
 
 # The engine forms each kind has, and the folder each goes to inside an export (``engines/NAME``).
 ENGINE_FORMS = {"eagle3": ("speculators", "sglang"), "medusa": ("vllm",)}
-# How each engine is told to use the form (for the model card): vLLM's and SGLang's speculative settings.
-SERVING = {
-    "speculators": 'vLLM: `--speculative-config \'{"model": "PATH/engines/speculators"}\'` (depth from its config)',
-    "sglang": "SGLang: `--speculative-algorithm EAGLE3 --speculative-draft-model-path PATH/engines/sglang`",
-    "vllm": 'vLLM: `--speculative-config \'{"method": "medusa", "model": "PATH/engines/vllm", '
-    '"num_speculative_tokens": N}\'`',
-}
+# Which engine loads which form, and with which settings: training/serving.py.
 
 
 def engine_forms(config: DrafterConfig, requested: list[str]) -> list[str]:
