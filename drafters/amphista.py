@@ -139,7 +139,7 @@ class AmphistaDrafter(MultiHeadDrafter):
             dim, c.attention_heads, ffn, c.dropout, activation=F.silu, batch_first=True, norm_first=True
         )
         self.to_hidden = nn.Identity() if dim == hidden else nn.Linear(dim, hidden, bias=False)
-        self.heads = VocabHeads(c.num_heads, hidden, c.head_layers, c.vocab_size or 0, c.share_lm_head)
+        self.heads = VocabHeads(c.num_heads, hidden, c.head_layers, c.projection_rows, c.share_lm_head)
         if c.identity_init:
             self._init_identity()
         self.built = True

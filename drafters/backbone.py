@@ -22,6 +22,8 @@ Config fields (default):
 - ``loss_type`` = "ce": cross-entropy on the target-written token; "kl": KL(target || drafter) to the target's
   distribution (needs its logits). ``loss_decay`` = 0.8 per draft position.
 - ``topk`` = 4: the ranks at which training counts hits (``LossOutput.hits``).
+- ``draft_vocab`` = None: the whole vocabulary; N = the LM head has the N rows of the map built from the
+  distilled data (`drafters.draft_vocab`), started from the target's rows of it.
 - ``hidden_size`` / ``vocab_size`` / ``target_layers`` / ``target_heads`` ... = None: taken from the target.
 """
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.drafters.base import Drafter, DrafterConfig, LossOutput, TargetNeeds
+from draftsmith.drafters.draft_vocab import DraftVocab, check_size
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.multihead import Borrowed, multi_head_loss
 
@@ -56,12 +59,14 @@ class FeatureDrafterConfig(DrafterConfig):
     hidden_size: int | None = None
     vocab_size: int | None = None
     target_layers: int | None = None
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("ce", "kl"):
             raise DraftsmithError(f"{self.kind} loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
         if self.topk < 1 or not 0 < self.loss_decay <= 1:
             raise DraftsmithError(f"{self.kind} needs topk >= 1 and 0 < loss_decay <= 1")
+        check_size(self.kind, self.draft_vocab, candidates=getattr(self, "tree_topk", 1))
         if self.feature_layers is not None:
             self.feature_layers = [int(layer) for layer in self.feature_layers]
 
@@ -88,6 +93,7 @@ class FeatureDrafterConfig(DrafterConfig):
             if wanted is not None and wanted != have:
                 raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
             setattr(self, name, have)
+        check_size(self.kind, self.draft_vocab, config.vocab_size)
         rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", getattr(config, "rope_theta", 1e4))
         defaults = {
             "dim": config.hidden_size,
@@ -192,8 +198,8 @@ class FusedLayer(nn.Module):
 class FeatureBackbone(nn.Module):
     """``fc`` over the concatenated target features, the fused layer, the final norm and the LM head.
 
-    The LM head is the drafter's own (trainable), initialised from the target's at the first bind; the
-    input embeddings are the target's, borrowed (never saved).
+    The LM head is the drafter's own (trainable), initialised from the target's (its rows of the draft vocabulary
+    map, with ``draft_vocab``) by `init_lm_head`; the input embeddings are the target's, borrowed (never saved).
     """
 
     def __init__(self, c: FeatureDrafterConfig) -> None:
@@ -203,20 +209,30 @@ class FeatureBackbone(nn.Module):
         self.embed_proj = nn.Identity() if c.dim == c.hidden_size else nn.Linear(c.hidden_size, c.dim, bias=False)
         self.midlayer = FusedLayer(c)
         self.norm = nn.RMSNorm(c.dim, eps=c.rms_eps)
-        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.dim, c.draft_vocab or c.vocab_size, bias=False)
         # saved with the weights, so binding a trained drafter to its target never overwrites its LM head
         self.register_buffer("lm_head_initialised", torch.tensor(False))
         self.borrowed = Borrowed()
 
-    def bind(self, target: nn.Module) -> None:
+    def bind(self, target: nn.Module, vocab_map: DraftVocab | None = None) -> None:
         self.borrowed.set("embeddings", target.get_input_embeddings())
         head = target.get_output_embeddings()
-        if bool(self.lm_head_initialised):
+        if head is None:
+            raise DraftsmithError(f"{type(target).__name__} has no LM head for the drafter's to start from")
+        self.borrowed.set("target_lm_head", head)
+        self.init_lm_head(vocab_map)
+
+    def init_lm_head(self, vocab_map: DraftVocab | None) -> None:
+        """Start the LM head from the target's (its rows of ``vocab_map``), once: not after training or loading
+        set it, and not before a draft vocabulary's map exists."""
+        if bool(self.lm_head_initialised) or (vocab_map is not None and not vocab_map.ready):
             return
-        if head is None or head.weight.shape != self.lm_head.weight.shape:
+        weight = self.borrowed.get("target_lm_head", self.lm_head.weight.device, self.lm_head.weight.dtype)
+        rows = weight if vocab_map is None else vocab_map.rows(weight)
+        if rows.shape != self.lm_head.weight.shape:
             raise DraftsmithError("the drafter's LM head cannot start from the target's: their shapes differ")
         with torch.no_grad():
-            self.lm_head.weight.copy_(head.weight.to(self.lm_head.weight))
+            self.lm_head.weight.copy_(rows)
             self.lm_head_initialised.fill_(True)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -300,12 +316,14 @@ def check_features(c: FeatureDrafterConfig, features: dict[str, Any]) -> tuple[d
 
 class FeatureDrafter(Drafter):
     """What EAGLE-3 and ParallelSpec share: the backbone (built once the target's sizes are known), binding,
-    the drafter's KV cache, and the loss over their draft positions. A kind adds its own modules in `_build`."""
+    the drafter's KV cache, the draft vocabulary map (``vocab_map``, with ``draft_vocab``) and the loss over their
+    draft positions. A kind adds its own modules in `_build`; its proposals go through `draft_vocab.full_ids`."""
 
     config: FeatureDrafterConfig
 
     def __init__(self, config: FeatureDrafterConfig) -> None:
         super().__init__(config)
+        self.vocab_map = DraftVocab(config.draft_vocab) if config.draft_vocab else None
         self.backbone: FeatureBackbone | None = None
         if config.hidden_size is not None and config.dim is not None:
             self._build()
@@ -322,7 +340,15 @@ class FeatureDrafter(Drafter):
         if self.backbone is None:
             self._build()
             self.to(target.get_input_embeddings().weight.device)
-        self.backbone.bind(target)
+        self.backbone.bind(target, self.vocab_map)
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Install the draft vocabulary training built; a bound drafter's LM head starts from its rows."""
+        if self.vocab_map is None:
+            raise DraftsmithError(f"this {self.config.kind} drafter has no draft_vocab: set drafter.draft_vocab=N")
+        self.vocab_map.set_ids(ids)
+        if self.backbone is not None and "target_lm_head" in self.backbone.borrowed:
+            self.backbone.init_lm_head(self.vocab_map)
 
     def _built(self) -> FeatureBackbone:
         if self.backbone is None:
@@ -345,4 +371,4 @@ class FeatureDrafter(Drafter):
             return backbone.logits(outputs[k - 1][rows, positions])
 
         c = self.config
-        return multi_head_loss(logits, batch, len(outputs), c.loss_decay, topk, reference)
+        return multi_head_loss(logits, batch, len(outputs), c.loss_decay, topk, reference, self.vocab_map)

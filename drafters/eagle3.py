@@ -37,6 +37,7 @@ from draftsmith.drafters.backbone import (
     step_zero,
 )
 from draftsmith.drafters.base import DecodeState, Draft, LossOutput, register
+from draftsmith.drafters.draft_vocab import full_ids
 from draftsmith.drafters.errors import DraftsmithError
 
 
@@ -128,7 +129,7 @@ class Eagle3Drafter(FeatureDrafter):
         topk = min(c.tree_topk, c.tree_nodes)
         # nodes: token, parent (-1 = root), log-confidence, depth; computed nodes also keep feature and keys/values
         logp = torch.log_softmax(backbone.logits(root).float(), dim=-1).topk(topk)
-        tokens, parents = logp.indices.tolist(), [-1] * topk
+        tokens, parents = full_ids(self.vocab_map, logp.indices).tolist(), [-1] * topk
         scores, depths = logp.values.tolist(), [1] * topk
         outputs: dict[int, torch.Tensor] = {}
         kv_index: dict[int, int] = {}
@@ -143,9 +144,10 @@ class Eagle3Drafter(FeatureDrafter):
                 tree_k.append(k[:, :, row : row + 1])
                 tree_v.append(v[:, :, row : row + 1])
             child = torch.log_softmax(backbone.logits(out).float(), dim=-1).topk(topk)
+            child_tokens = full_ids(self.vocab_map, child.indices)
             frontier = []
             for row, node in enumerate(expand):
-                for token, value in zip(child.indices[row].tolist(), child.values[row].tolist()):
+                for token, value in zip(child_tokens[row].tolist(), child.values[row].tolist()):
                     frontier.append(len(tokens))
                     tokens.append(token)
                     parents.append(node)

@@ -347,6 +347,8 @@ def engine_forms(config: DrafterConfig, requested: list[str]) -> list[str]:
     has = ENGINE_FORMS.get(config.kind, ())
     if getattr(config, "adapts_target", False):
         has = ()  # Medusa-2: an engine would serve the original target, not the adapted one the heads learned
+    if getattr(config, "draft_vocab", None):
+        has = ()  # the forms written here project onto the target's whole vocabulary, with no draft-to-target map
     if requested == ["auto"]:
         return list(has)
     missing = [name for name in requested if name not in has]

@@ -99,7 +99,7 @@ class MedusaDrafter(MultiHeadDrafter):
 
     def _build(self) -> None:
         c = self.config
-        self.heads = VocabHeads(c.num_heads, c.hidden_size, c.num_layers, c.vocab_size or 0, c.share_lm_head)
+        self.heads = VocabHeads(c.num_heads, c.hidden_size, c.num_layers, c.projection_rows, c.share_lm_head)
         self.built = True
 
     def head_inputs(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, LossOutput, TargetNeeds
+from draftsmith.drafters.draft_vocab import DraftVocab, check_size, full_ids, keep_inside
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
 
@@ -23,7 +24,8 @@ class MultiHeadConfig(DrafterConfig):
     """Fields every multi-head drafter (Medusa, Amphista) shares: its heads, their vocabulary projection, the
     per-position loss weights and the candidate tree. Kinds add their own fields and checks.
     ``loss_type`` = "ce": cross-entropy on the target-written tokens; "kl": KL(target || head) to the target's
-    distribution (the features must carry its logits)."""
+    distribution (the features must carry its logits). ``draft_vocab`` = N: the heads project onto the N most
+    frequent target-written tokens (`drafters.draft_vocab`); None = the whole vocabulary."""
 
     num_heads: int = 4
     share_lm_head: bool = True
@@ -35,10 +37,12 @@ class MultiHeadConfig(DrafterConfig):
     rank_acc: list[list[float]] | None = None
     hidden_size: int | None = None
     vocab_size: int | None = None
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         if self.loss_type not in ("ce", "kl"):
             raise DraftsmithError(f"{self.kind} loss_type must be 'ce' or 'kl', got {self.loss_type!r}")
+        check_size(self.kind, self.draft_vocab, candidates=self.tree_topk)
         if self.tree is not None:
             self.tree = [[int(r) for r in path] for path in self.tree]
         if self.rank_acc is not None:
@@ -55,6 +59,12 @@ class MultiHeadConfig(DrafterConfig):
             if wanted is not None and wanted != have:
                 raise DraftsmithError(f"this drafter has {name}={wanted} but the target has {have}: use its own target")
             setattr(self, name, have)
+        check_size(self.kind, self.draft_vocab, vocab)
+
+    @property
+    def projection_rows(self) -> int:
+        """Rows of each head's vocabulary projection: the draft vocabulary's, else the target's (0 = not known yet)."""
+        return self.draft_vocab or self.vocab_size or 0
 
 
 class ResidualBlock(nn.Module):
@@ -176,13 +186,15 @@ class VocabHeads(nn.Module):
 
 class MultiHeadDrafter(TreeMixin, Drafter):
     """K heads over per-position features; head k (1-based) at position t guesses token t+k+1. Candidates:
-    each head's top-``tree_topk`` at the root's position, hung in the rank-path tree of `rank_trees`."""
+    each head's top-``tree_topk`` at the root's position, hung in the rank-path tree of `rank_trees`. With
+    ``draft_vocab`` the heads project onto the rows of the map (``vocab_map``) and propose through it."""
 
     config: MultiHeadConfig
 
     def __init__(self, config: MultiHeadConfig) -> None:
         super().__init__(config)
         self.borrowed = Borrowed()
+        self.vocab_map = DraftVocab(config.draft_vocab) if config.draft_vocab else None
         self.built = False
         if config.hidden_size is not None and (config.share_lm_head or config.vocab_size is not None):
             self._build()
@@ -214,16 +226,38 @@ class MultiHeadDrafter(TreeMixin, Drafter):
         if not self.built:
             self._build()
             self.to(weight.device)
-        self.heads.init_copies(weight)
+        self._init_copies(weight)
+
+    def _init_copies(self, weight: torch.Tensor) -> None:
+        """Heads with their own projections start from the target's LM head (its rows of the map, once built)."""
+        if self.vocab_map is None:
+            self.heads.init_copies(weight)
+        elif self.vocab_map.ready:
+            self.heads.init_copies(self.vocab_map.rows(weight))
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Install the draft vocabulary training built (`drafters.draft_vocab.most_frequent`)."""
+        if self.vocab_map is None:
+            raise DraftsmithError(f"this {self.config.kind} drafter has no draft_vocab: set drafter.draft_vocab=N")
+        self.vocab_map.set_ids(ids)
+        if self.built and not self.config.share_lm_head:  # bound before the map existed: copies start now
+            projections = self.heads.projections
+            self._init_copies(self.borrowed.get("lm_head", projections.device, projections.dtype))
 
     def _lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The projection the heads share (the LM head, or its rows of the map) and the target's bias, if any."""
         param = next(self.parameters(), None) if self.built else None
         if param is None:
             raise DraftsmithError(
                 f"the {self.config.kind} drafter is not built yet: call drafter.bind(target_model) first"
             )
         bias = self.borrowed.get("lm_head_bias", param.device, param.dtype) if "lm_head_bias" in self.borrowed else None
-        return self.borrowed.get("lm_head", param.device, param.dtype), bias
+        weight = self.borrowed.get("lm_head", param.device, param.dtype)
+        if self.vocab_map is None:
+            return weight, bias
+        # heads with projections of their own (share_lm_head=False) already have the map's rows
+        rows = self.vocab_map.rows(weight) if self.config.share_lm_head else weight
+        return rows, None if bias is None else self.vocab_map.rows(bias)
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> LossOutput:
         lm_head, bias = self._lm_head()
@@ -234,11 +268,14 @@ class MultiHeadDrafter(TreeMixin, Drafter):
             return self.heads.head_logits(k - 1, inputs[rows, positions, k - 1], lm_head, bias)
 
         c = self.config
-        return multi_head_loss(head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits)
+        return multi_head_loss(
+            head_logits, batch, c.num_heads, c.loss_decay, c.tree_topk, target_logits, self.vocab_map
+        )
 
     @torch.no_grad()
     def draft_logits(self, state: DecodeState) -> torch.Tensor:
-        """Every head's logits ``[K, V]`` at the position that produced the root token."""
+        """Every head's logits ``[K, V]`` at the position that produced the root token (V = the draft
+        vocabulary's size with ``draft_vocab``: column j is draft id j)."""
         lm_head, bias = self._lm_head()
         return self.heads.all_logits(self.root_head_inputs(state).to(lm_head.dtype), lm_head, bias)
 
@@ -246,7 +283,7 @@ class MultiHeadDrafter(TreeMixin, Drafter):
         if state.hidden[-1].shape[0] == 0:
             return Draft.empty()
         tree = self.draft_tree()
-        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
+        topk_tokens = full_ids(self.vocab_map, self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices)
         return tree_draft(tree, topk_tokens.cpu())  # the engine keeps its token buffer on the CPU
 
 
@@ -285,6 +322,7 @@ def multi_head_loss(
     decay: float,
     topk: int,
     target_logits: torch.Tensor | None = None,
+    vocab: DraftVocab | None = None,
 ) -> LossOutput:
     """``sum_k decay**(k-1) * L_k`` where L_k is head k's mean loss over its counted positions: the loss of every
     drafter whose k-th draft position at hidden-state position t guesses token t+k+1 (Medusa's and Amphista's
@@ -296,6 +334,8 @@ def multi_head_loss(
     L_k is cross-entropy on the label tokens, or, with ``target_logits [B, T, V]``, KL(target || head)
     where the target's distribution for token t+k+1 comes from its logits at position t+k.
     The `LossOutput` counts, per head, the labels found at each of the top-``topk`` ranks.
+    With a draft ``vocab``, ``head_logits`` are over its ids: a label outside it counts nowhere (`keep_inside`) and
+    KL compares with the target's distribution renormalised over it.
     """
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"].bool()
     inside = batch["attention_mask"].bool()
@@ -307,13 +347,16 @@ def multi_head_loss(
         counted = inside[:, :span] & inside[:, offset:] & loss_mask[:, offset:]
         rows, positions = counted.nonzero(as_tuple=True)
         labels = input_ids[rows, positions + offset]
+        if vocab is not None:
+            rows, positions, labels = keep_inside(vocab, rows, positions, labels)
         logits = head_logits(k, rows, positions).float()
         if labels.numel() == 0:
             term = logits.sum() * 0.0  # keeps the graph: a batch without counted positions still backpropagates
         elif target_logits is None:
             term = F.cross_entropy(logits, labels)
         else:
-            reference = F.log_softmax(target_logits[rows, positions + k].detach().float(), dim=-1)
+            reference = target_logits[rows, positions + k].detach()
+            reference = F.log_softmax(reference.float(), dim=-1) if vocab is None else vocab.restrict(reference)
             term = F.kl_div(F.log_softmax(logits, dim=-1), reference, log_target=True, reduction="batchmean")
         terms.append(decay ** (k - 1) * term)
         hits.append(rank_hits(logits, labels, topk))

@@ -35,6 +35,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from draftsmith.drafters.backbone import FeatureDrafter, FeatureDrafterConfig, check_features, step_zero
 from draftsmith.drafters.base import DecodeState, Draft, LossOutput, register
+from draftsmith.drafters.draft_vocab import full_ids
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
 
@@ -171,5 +172,5 @@ class ParallelSpecDrafter(TreeMixin, FeatureDrafter):
         if state.hidden[self.config.layers()[0]].shape[0] == 0:
             return Draft.empty()
         tree = self.draft_tree()
-        topk_tokens = self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices
+        topk_tokens = full_ids(self.vocab_map, self.draft_logits(state).topk(tree.max_rank + 1, dim=-1).indices)
         return tree_draft(tree, topk_tokens.cpu())  # the engine keeps its token buffer on the CPU

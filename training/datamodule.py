@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -126,6 +127,17 @@ class DistillDataModule(L.LightningDataModule):
             # one while a run resumed from an epoch-end checkpoint builds its loader
             epoch_source=None if trainer is None else (lambda: trainer.fit_loop.epoch_progress.current.processed),
         )
+
+    def target_token_counts(self, vocab_size: int) -> torch.Tensor:
+        """How often each token id ``[vocab_size]`` is target-written (``loss_mask`` 1) in the training rows: what a
+        draft vocabulary is chosen from (the held-out rows stay out of it, as they stay out of training)."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        train = self.table.select(self.train_rows).with_format("arrow")
+        for part in train.iter(batch_size=1024):
+            ids = pc.list_flatten(part["input_ids"]).to_numpy()
+            written = pc.list_flatten(part["loss_mask"]).to_numpy() == 1
+            counts += np.bincount(ids[written], minlength=vocab_size)[:vocab_size]
+        return torch.from_numpy(counts)
 
     def train_batches_per_epoch(self) -> int:
         """Batches each process trains on per epoch."""

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from draftsmith import data
 from draftsmith.drafters.base import Drafter, DrafterConfig, TargetNeeds, drafter_class
+from draftsmith.drafters.draft_vocab import UsesDraftVocab, check_size, coverage, most_frequent
 from draftsmith.drafters.engine_formats import engine_forms
 from draftsmith.drafters.errors import DraftsmithError, writable_folder
 from draftsmith.drafters.target import Target, load_target
@@ -51,6 +52,23 @@ def build_drafter(values: Any, target: Target, pretrained: bool = True) -> Draft
     if pretrained and config.init_from:
         drafter.init_weights(str(config.init_from), target.model)
     return drafter
+
+
+def prepare_draft_vocab(drafter: Drafter, datamodule: DistillDataModule) -> None:
+    """With ``drafter.draft_vocab=N``, before training: the map of the N most frequent target-written tokens of
+    the training rows (a map that came with ``drafter.init_from`` is kept), and its coverage printed."""
+    if not isinstance(drafter, UsesDraftVocab) or drafter.vocab_map is None:
+        return
+    vocab_map, vocab = drafter.vocab_map, int(drafter.config.vocab_size)
+    counts = datamodule.target_token_counts(vocab)
+    kept = vocab_map.ready
+    if not kept:
+        drafter.set_draft_vocab(most_frequent(counts, vocab_map.size))
+    print(
+        f"draft vocabulary ({'kept from drafter.init_from' if kept else 'built'}): {vocab_map.size} of {vocab} tokens "
+        f"cover {coverage(counts, vocab_map.ids.cpu()):.1%} of the {int(counts.sum()):,} target-written tokens "
+        "of the training rows"
+    )
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -187,6 +205,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     engine_forms(config, list(cfg.export.engines))  # a form the kind lacks is refused before the slow steps
     L.seed_everything(int(cfg.seed), workers=True)
     target = load_target(OmegaConf.to_container(cfg.target, resolve=True))
+    check_size(config.kind, getattr(config, "draft_vocab", None), target.model.get_output_embeddings().weight.shape[0])
     data_dir = Path(data.build_distilled(cfg.data, target))
     table = data.load_distilled(data_dir)
     drafter = build_drafter(cfg.drafter, target)
@@ -201,6 +220,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         sort_chunk=settings.sort_chunk,
         num_workers=settings.num_workers,
     )
+    prepare_draft_vocab(drafter, datamodule)
     module = DrafterModule(drafter, target.model, settings, feature_source(settings, data_dir, cfg.data, drafter))
     if settings.strategy == "deepspeed":
         module.strict_loading = False  # DeepSpeed checkpoints leave the frozen target out
