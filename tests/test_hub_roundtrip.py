@@ -87,6 +87,16 @@ def test_a_hub_id_that_cannot_be_had_is_one_line(tmp_path, hub, monkeypatch):
     assert "\n" not in str(absent.value) and "\n" not in str(offline.value)
 
 
+def test_a_card_the_hub_refuses_is_one_line_and_nothing_is_committed(tmp_path, hub):
+    target = tiny_target()
+    export = write_export(tmp_path / "export", tiny_drafter(target), target.identity, {"recipe_name": "t"}, None)
+    card = export / "README.md"
+    card.write_text(card.read_text().replace("library_name: draftsmith", "library_name: [draftsmith", 1))
+    with pytest.raises(DraftsmithError, match="the Hub refused the metadata of .*README.md") as refused:
+        publish(export, "org/bad-card", token="hf_local")
+    assert "\n" not in str(refused.value) and hub.repos["org/bad-card"].files == {}
+
+
 def test_draftsmith_eval_downloads_and_evaluates_a_hub_id_through_hf_endpoint(tmp_path, hub, tiny_target):
     folder = tmp_path / "target"
     tiny_target.model.save_pretrained(folder)

@@ -43,9 +43,15 @@ def publish(export_dir: str | Path, repo_id: str, *, private: bool = True, token
         raise DraftsmithError(
             f"publishing to {repo_id} failed (HTTP {status}): {hint}; the export in {export_dir} is intact"
         ) from None
+    except ValueError as err:  # upload_folder has the Hub validate README.md's front matter before committing
+        raise DraftsmithError(
+            f"publishing to {repo_id} failed: the Hub refused the metadata of {export_dir / 'README.md'} "
+            f"({' '.join(str(err).split())}); fix its front matter or export again"
+        ) from None
     except Exception as err:  # transport errors: requests, httpx or httpx2 depending on huggingface_hub's version
         raise DraftsmithError(
-            f"publishing to {repo_id} failed: the Hub is unreachable ({type(err).__name__}: {err}); the export in "
-            f"{export_dir} is intact, upload it later with `hf upload {repo_id} {export_dir}`"
+            f"publishing to {repo_id} failed: the Hub is unreachable ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}); the export in {export_dir} is intact, upload it later with "
+            f"`hf upload {repo_id} {export_dir}`"
         ) from None
     return str(url)
