@@ -293,12 +293,13 @@ class DeerDrafter(Drafter):
     ) -> torch.Tensor:
         """Last hidden states ``[B, R, H]`` of rows ``embeds [B, R, H]`` at ``positions``; ``visible [B, R, C + R]``
         says which cached and new rows each row attends to (its own row always included)."""
+        # the cache under the keyword the whole pinned transformers range knows (the engine's too)
+        kept = {"use_cache": False} if cache is None else {"past_key_values": cache, "use_cache": True}
         out = self._built().model(
             inputs_embeds=embeds,
             attention_mask=visible[:, None].to(embeds.device),
             position_ids=positions.to(embeds.device),
-            past_key_values=cache,
-            use_cache=cache is not None,
+            **kept,
         )
         return out.last_hidden_state
 

@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 from draftsmith.drafters.base import Drafter, LossOutput
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.eval.metrics import chain_tau
-from draftsmith.training import lora
+from draftsmith.training import lora, phases
 from draftsmith.training.datamodule import DistillDataModule
 from draftsmith.training.features import FeatureSource, OnlineFeatures
 from draftsmith.training.rng import capture_rng, restore_rng
@@ -76,6 +76,11 @@ class DrafterModule(L.LightningModule):
         self._rng_to_restore: dict[str, Any] | None = None
         self._last_step_end: float | None = None
         self._val_sums: dict[str, torch.Tensor] = {}
+        # the recipe's drafter config, which each phase's overrides start from (training/phases.py)
+        self.base_config = drafter.config
+        self.phase: int | None = None
+        for phase in settings.phases:  # a bad key or value of any phase ends the run now, not epochs later
+            phases.phase_config(drafter.config, drafter.config, phase, drafter.measured_fields)
 
     def train(self, mode: bool = True) -> DrafterModule:
         super().train(mode)
@@ -98,6 +103,26 @@ class DrafterModule(L.LightningModule):
         return out
 
     # -- training ----------------------------------------------------------------------------
+
+    def _enter_phase(self) -> None:
+        """Give the drafter the settings of the phase the current epoch belongs to (training/phases.py)."""
+        plan = self.settings.phases
+        if not plan:
+            return
+        index = phases.phase_at(plan, self.current_epoch)
+        config = phases.phase_config(self.base_config, self.drafter.config, plan[index], self.drafter.measured_fields)
+        self.drafter.config = config
+        if index != self.phase and self.trainer.is_global_zero:
+            phases.announce(plan, index, self.current_epoch)
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"phase": index}, step=self.global_step)
+        self.phase = index
+
+    def on_train_start(self) -> None:
+        self._enter_phase()  # a resumed run starts inside its phase
+
+    def on_train_epoch_start(self) -> None:
+        self._enter_phase()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:
@@ -140,6 +165,12 @@ class DrafterModule(L.LightningModule):
         total = self._total_steps()
         warmup = min(self.settings.warmup_steps, total)
         start = lora.adapter_start_step(self.drafter.config) if self.adapted else 0
+        if self.settings.phases:
+            if start:
+                raise DraftsmithError("trainer.phases restart the schedule per phase: set heads_warmup_steps=0")
+            per_epoch = self._total_steps(per_epoch=True)
+            schedule = phases.phase_schedule(optimizer, self.settings.phases, per_epoch, warmup, self.settings.lr)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
         if start >= total:
             raise DraftsmithError(
                 f"drafter.heads_warmup_steps={start} covers the whole run ({total} optimizer steps), so the "
@@ -153,17 +184,20 @@ class DrafterModule(L.LightningModule):
             schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _total_steps(self) -> int:
-        """Optimizer steps of the whole run, for the cosine schedule.
+    def _total_steps(self, per_epoch: bool = False) -> int:
+        """Optimizer steps of the whole run (or of one epoch), for the cosine schedule.
 
         Not ``trainer.estimated_stepping_batches`` with our datamodule: asking it builds and caches the train
         loader before a resumed run restores its state, so the loader would never learn where to resume.
         """
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, DistillDataModule):
-            return max(int(self.trainer.estimated_stepping_batches), 1)
-        per_epoch = math.ceil(datamodule.train_batches_per_epoch() / self.settings.accumulate_grad_batches)
-        total = per_epoch * self.settings.max_epochs
+            divide = self.settings.max_epochs if per_epoch else 1
+            return max(int(self.trainer.estimated_stepping_batches) // divide, 1)
+        steps = math.ceil(datamodule.train_batches_per_epoch() / self.settings.accumulate_grad_batches)
+        if per_epoch:
+            return max(steps, 1)
+        total = steps * self.settings.max_epochs
         if self.settings.max_steps > 0:
             total = min(total, self.settings.max_steps)
         return max(total, 1)
@@ -230,12 +264,13 @@ class DrafterModule(L.LightningModule):
         current = self.drafter.config.to_dict()
         # a field added since the checkpoint was written counts as its default, which keeps the old behaviour
         defaults = type(self.drafter.config)().to_dict()
-        # measured fields change during training; every other field must match the run being resumed
+        # measured fields change during training, and phases set theirs; every other field must match
         measured = self.drafter.measured_fields
+        varying = set(measured) | phases.overridden(self.settings.phases)
         differing = sorted(
             k
             for k in set(saved) | set(current)
-            if k not in measured and saved.get(k, defaults.get(k)) != current.get(k)
+            if k not in varying and saved.get(k, defaults.get(k)) != current.get(k)
         )
         if saved and differing:
             raise DraftsmithError(

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from draftsmith.drafters.errors import DraftsmithError
+from draftsmith.training.phases import Phase, check_phases
 
 STRATEGIES = ("auto", "ddp", "deepspeed")
 FEATURE_MODES = ("online", "cache")
@@ -65,10 +66,17 @@ class TrainSettings:
     features: str = "online"  # online = run the frozen target in each step; cache = read data's feature cache
     sort_chunk: int = 64  # batches per chunk whose rows are sorted by length (length bucketing)
     num_workers: int = 0
+    # stages of one run (training/phases.py): [{name, epochs, lr, drafter: {...}}]; max_epochs is then their sum
+    phases: list[Phase] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> TrainSettings:
-        settings = cls(**_known_only(cls, _plain(values), "trainer"))
+        values = _known_only(cls, _plain(values), "trainer")
+        phases = [Phase.from_config(phase) for phase in values.pop("phases", None) or []]
+        check_phases(phases)
+        if phases:
+            values["max_epochs"] = sum(phase.epochs for phase in phases)
+        settings = cls(**values, phases=phases)
         settings.validate()
         return settings
 
