@@ -4,8 +4,10 @@ PIP := .venv/bin/pip
 # A CPU build of torch where there is no NVIDIA GPU; the normal (CUDA) wheel where there is one.
 TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 DEMO_OUT ?= outputs/demo
+# the drafter `make bench-cost` times per draft shape (the default recipe's export)
+BENCH_DRAFTER ?= outputs/amphista_smollm2/export
 
-.PHONY: venv demo test test-fast lint bench-target bench-data bench-eval bench-drafting bench-train clean
+.PHONY: venv demo test test-fast lint bench-target bench-data bench-eval bench-drafting bench-cost bench-train clean
 
 venv: .venv/.installed
 
@@ -42,6 +44,9 @@ bench-eval: venv
 
 bench-drafting: venv
 	$(PY) benchmarks/drafting_cost.py
+
+bench-cost: venv
+	$(PY) benchmarks/cost_model.py --drafter $(BENCH_DRAFTER)
 
 bench-train: venv
 	$(PY) benchmarks/train_step.py recipe=amphista_smollm2 shape=smollm2-135m steps=8 warmup=2

@@ -76,10 +76,9 @@ class CostModel:
 
     def verify(self, rows: int, capacity: int) -> float:
         """Predicted seconds of a step verifying ``rows`` rows over a ``capacity``-slot cache: piecewise linear in
-        both (the curve is measured at few points), extended linearly past its ends, never below the cheapest."""
+        both (the curve is measured at few points; see `_interpolate` past its ends)."""
         by_capacity = [_interpolate(self.rows, line, rows) for line in self.verify_s]
-        floor = min(min(line) for line in self.verify_s)
-        return max(_interpolate(self.capacities, by_capacity, capacity), floor)
+        return _interpolate(self.capacities, by_capacity, capacity)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": COST_FORMAT, **asdict(self)}
@@ -93,10 +92,14 @@ class CostModel:
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
-    if len(xs) == 1:
+    """Piecewise linear through the points; the first value before them, and after them the last segment's rise
+    (a cost never falls past what was measured)."""
+    if len(xs) == 1 or x <= xs[0]:
         return float(ys[0])
-    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    i = min(bisect.bisect_right(xs, x) - 1, len(xs) - 2)
     slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    if x > xs[-1]:
+        return float(ys[-1] + max(slope, 0.0) * (x - xs[-1]))
     return float(ys[i] + slope * (x - xs[i]))
 
 
@@ -246,6 +249,7 @@ class DraftShaper:
         self.cost = cost
         self.tree = drafter if isinstance(drafter, AdaptiveTree) else None
         declared = drafter.max_draft_nodes()
+        max_nodes = min(max_nodes, max(cost.rows) - 1)  # no size past the measured curve
         self.max_nodes = max_nodes if self.tree is not None or declared is None else min(declared, max_nodes)
         self.position_hits = [0] * self.max_nodes
         self.position_offered = [0] * self.max_nodes

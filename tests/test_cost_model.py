@@ -46,7 +46,9 @@ def test_cost_interpolates_between_measured_points_and_extends_past_them():
     assert cost.verify(2, 100) == pytest.approx(2.0)
     assert cost.verify(1, 200) == pytest.approx(1.5)
     assert cost.verify(5, 100) == pytest.approx(5.0)  # linear past the last row count
-    assert cost.verify(1, 50) == pytest.approx(1.0)  # never below the cheapest measured step
+    assert cost.verify(1, 50) == pytest.approx(1.0)  # the first value before the first capacity
+    falling = CostModel(KEY, [1, 2, 4], [100], [[1.0, 2.0, 1.5]])
+    assert falling.verify(3, 100) == pytest.approx(1.75) and falling.verify(8, 100) == pytest.approx(1.5)
     with pytest.raises(DraftsmithError, match="positive"):
         CostModel(KEY, [1], [100], [[0.0]])
 
