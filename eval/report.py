@@ -84,6 +84,13 @@ def shape_sentence(settings: dict[str, Any]) -> str:
     )
 
 
+def shape_line(summary: dict[str, Any]) -> str:
+    """One sentence for a model card: the draft shape the evaluation used, and the dtype it decoded in."""
+    settings = summary.get("settings", {})
+    how = shape_sentence(settings).removeprefix(", ") or "the drafter's own drafts"
+    return f"Drafts: {how}; the target decoded in {settings.get('dtype', 'float32')}."
+
+
 def match_sentence(summary: dict[str, Any]) -> str | None:
     """Outside float32 a batched verification rounds differently from a one-token step, so greedy outputs may
     part from plain decoding's: the share of turns that did not is the figure to read there."""

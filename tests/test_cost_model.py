@@ -265,3 +265,20 @@ def test_the_engines_grouped_attention_gives_transformers_sdpa_logits(monkeypatc
     assert len(calls) == 2 * model.config.num_hidden_layers  # the prefill and the tree, grouped; then neither
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-6)
     assert model.config._attn_implementation == "sdpa"  # the target itself is left as it was
+
+
+def test_cards_and_reports_name_the_shape_the_dtype_and_the_cost_model():
+    from draftsmith.eval.report import shape_line
+    from draftsmith.training.settings import AcceptanceSettings
+
+    shaper = DraftShaper(medusa(tiny_llama(), rank_acc=[[0.8, 0.1, 0.1]] * 3), cost_of(GPU_LIKE), drafter_s=0.001)
+    for _ in range(3):
+        shaper.plan(50, 100)
+    auto = {"settings": {"dtype": "bfloat16", "tree_nodes": "auto", "draft_shape": shaper.summary()}}
+    line = shape_line(auto)
+    assert "measured cost model" in line and f"most often {shaper.plan(50, 100)} nodes" in line
+    assert "bfloat16" in line and "a plain step 50.0 ms" in line
+    assert shape_line({"settings": {"dtype": "float32", "tree_nodes": 15}}).startswith("Drafts: a 15-node")
+    assert AcceptanceSettings().tree_nodes == "auto"
+    with pytest.raises(DraftsmithError, match="eval.tree_nodes=15"):
+        AcceptanceSettings.from_config({"tree_nodes": "15"})

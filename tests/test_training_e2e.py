@@ -33,6 +33,7 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "eval.limit=1",
     "eval.max_new_tokens=4",
+    "eval.tree_nodes=null",  # the drafter's own tree: auto would profile the real target first (minutes on a CPU)
 ]
 
 

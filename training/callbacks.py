@@ -50,6 +50,7 @@ class AcceptanceEval(L.Callback):
         seed: int = 0,
         keep: str = "best",
         every_epoch: bool = True,
+        tree_nodes: str | None = None,
     ) -> None:
         self.keep = check_keep(keep)
         self.every_epoch = every_epoch
@@ -60,6 +61,7 @@ class AcceptanceEval(L.Callback):
         self.temperature = temperature
         self.out = Path(out) if out is not None else None
         self.seed = seed
+        self.tree_nodes = tree_nodes  # "auto": drafts sized per step by the measured cost model
         self.kept_summary: dict[str, Any] | None = None
         self.kept_epoch_dir: Path | None = None
         self.kept_step: int | None = None  # the optimizer step of the exported weights
@@ -107,6 +109,7 @@ class AcceptanceEval(L.Callback):
                 seed=self.seed,
                 progress=True,
                 original=self._original_answers(pl_module),
+                tree_nodes=self.tree_nodes,
             )
         for module, training in modes:
             module.train(training)

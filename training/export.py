@@ -18,7 +18,7 @@ from draftsmith.drafters.base import ADAPTER_DIR, ADAPTER_KEY, Drafter
 from draftsmith.drafters.engine_formats import ENGINE_FORMS, engine_forms, write_engine_forms
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import TargetIdentity
-from draftsmith.eval.report import drift_sentence
+from draftsmith.eval.report import drift_sentence, shape_line
 from draftsmith.training.report import markdown_table
 from draftsmith.training.serving import FORM_ENGINES, closest_route, serving_command
 
@@ -69,7 +69,7 @@ def model_card(
         f"Greedy speculative decoding on {summary.get('n_questions', '?')} held-out questions "
         f"(tau = tokens per target forward, bonus token included; alpha_k = acceptance of draft position k "
         f"given 1..k-1 accepted; speedup = wall-clock tokens/s against plain decoding, same process):\n\n"
-        f"{markdown_table(summary)}\n{drift}"
+        f"{markdown_table(summary)}\n\n{shape_line(summary)}\n{drift}"
         if summary
         else "No evaluation was run for this export.\n"
     )
@@ -132,6 +132,11 @@ def serving_section(drafter: Drafter, identity: TargetIdentity, base_model: str 
     )
     if base_model is None:
         section += f"; TARGET is `{identity.name}` as the engine loads it (a Hub id or a transformers folder)"
+    elif identity.source != base_model:  # e.g. the embedded target: a GGUF of that repo's model
+        section += (
+            f". It was trained against `{identity.source}`; served with `{base_model}`'s own weights its output is "
+            "still the target's, its acceptance may differ a little"
+        )
     section += ".\n\n"
     items = []
     for form in engines:

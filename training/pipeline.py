@@ -237,6 +237,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         seed=int(cfg.seed),
         keep=evaluation.keep,
         every_epoch=not zero3,  # ZeRO-3 shards the target: evaluate once after training instead
+        tree_nodes=evaluation.tree_nodes,
     )
     trainer = L.Trainer(
         **trainer_kwargs,

@@ -119,6 +119,9 @@ class AcceptanceSettings:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy (lossless check on)
     keep: str = "best"  # the export kept: best = the epoch with the highest tau (a tie: the later), last = final
+    # auto = each step's draft size chosen by the measured cost model (eval/cost_model.py); null = the drafter's own
+    # tree (drafter.tree_nodes, the one the export carries)
+    tree_nodes: str | None = "auto"
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any]) -> AcceptanceSettings:
@@ -129,6 +132,8 @@ class AcceptanceSettings:
     def validate(self) -> None:
         if self.keep not in KEEP_MODES:
             raise DraftsmithError(f"eval.keep must be one of {', '.join(KEEP_MODES)}, got {self.keep!r}")
+        if self.tree_nodes not in ("auto", None):
+            raise DraftsmithError(f"eval.tree_nodes={self.tree_nodes}: use auto, or null for the drafter's own tree")
         if self.limit is not None and self.limit < 1:
             raise DraftsmithError(f"eval.limit={self.limit}: must be at least 1 (or null for all)")
         if self.max_new_tokens < 1:
