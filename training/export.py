@@ -134,8 +134,8 @@ def serving_section(drafter: Drafter, identity: TargetIdentity, base_model: str 
         section += f"; TARGET is `{identity.name}` as the engine loads it (a Hub id or a transformers folder)"
     elif identity.source != base_model:  # e.g. the embedded target: a GGUF of that repo's model
         section += (
-            f". It was trained against `{identity.source}`; served with `{base_model}`'s own weights its output is "
-            "still the target's, its acceptance may differ a little"
+            f". It was trained against `{identity.source}`; an engine serving `{base_model}` runs that repo's "
+            "weights, and decoding stays lossless with respect to them (acceptance may differ a little)"
         )
     section += ".\n\n"
     items = []
