@@ -14,6 +14,14 @@ from typing import Any
 from draftsmith.drafters.errors import DraftsmithError
 
 CACHE_IMPLEMENTATIONS = ("static", "dynamic")
+# data.synth.domain names one of these mixes, or gives its own: weights over the base domains (data/synth.py STEERS)
+DOMAIN_MIXES: dict[str, dict[str, float]] = {
+    "general": {"general": 1.0},
+    "code": {"code": 1.0},
+    "math": {"math": 1.0},
+    "code_math": {"code": 1.0, "math": 1.0},
+}
+BASE_DOMAINS = ("general", "code", "math")
 
 
 def _plain(values: Any) -> Any:
@@ -59,9 +67,23 @@ class SynthConfig:
     top_p: float = 0.95
     max_new_tokens: int = 48
     batch_size: int = 32  # prompts sampled per generate call
+    # what the prompts are about: general | code | math | code_math, or weights such as {general: 4, code: 1, math: 1}
+    # (n is split by them; each domain is its own cached stream, general's the same as before domains existed)
+    domain: Any = "general"
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n > 0, "synth.n", "a positive integer", self.n)
+        if isinstance(self.domain, Mapping):
+            object.__setattr__(self, "domain", dict(_plain(self.domain)))
+        mix = self.domain if isinstance(self.domain, dict) else DOMAIN_MIXES.get(str(self.domain))
+        _check(
+            bool(mix)
+            and set(mix) <= set(BASE_DOMAINS)
+            and all(isinstance(w, int | float) and not isinstance(w, bool) and w > 0 for w in mix.values()),
+            "synth.domain",
+            f"one of {', '.join(DOMAIN_MIXES)}, or positive weights over {', '.join(BASE_DOMAINS)}",
+            self.domain,
+        )
         _check(
             isinstance(self.temperature, int | float) and self.temperature > 0,
             "synth.temperature",
@@ -78,6 +100,12 @@ class SynthConfig:
         _check(
             _is_int(self.batch_size) and self.batch_size > 0, "synth.batch_size", "a positive integer", self.batch_size
         )
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``domain`` as weights over the base domains, in the order given."""
+        mix = self.domain if isinstance(self.domain, dict) else DOMAIN_MIXES[self.domain]
+        return {name: float(weight) for name, weight in mix.items()}
 
 
 @dataclass(frozen=True)
