@@ -256,6 +256,7 @@ class DraftShaper:
         self.draft_s = drafter_s
         self.scale = 1.0
         self.capacity = 0
+        self.curve: list[float] = []  # t_verify(n + 1) at self.capacity for every size n: a cache grows rarely
         self.planned = 0
         self.shaped: int | None = None
         self.plain_run = 0
@@ -274,26 +275,32 @@ class DraftShaper:
             expected.append(expected[-1] + survive)
         return expected
 
-    def step_cost(self, nodes: int, capacity: int) -> float:
+    def verify_s(self, rows: int) -> float:
+        """The profiled seconds of verifying ``rows`` rows at the current cache size."""
+        return self.curve[rows - 1] if rows <= len(self.curve) else self.cost.verify(rows, self.capacity)
+
+    def step_cost(self, nodes: int) -> float:
         """Predicted seconds of a step drafting ``nodes`` nodes (0 = plain: no drafter call)."""
         drafting = (self.draft_s or 0.0) if nodes > 0 else 0.0
-        return drafting + self.scale * self.cost.verify(nodes + 1, capacity)
+        return drafting + self.scale * self.verify_s(nodes + 1)
 
-    def best_size(self, capacity: int, drafting: bool = False) -> int:
+    def best_size(self, drafting: bool = False) -> int:
         """The size with the highest expected tokens per second (the smaller on a tie); ``drafting``: n > 0 only."""
         sizes = range(1 if drafting else 0, len(self.expected))
-        return max(sizes, key=lambda n: (self.expected[n] / self.step_cost(n, capacity), -n), default=0)
+        return max(sizes, key=lambda n: (self.expected[n] / self.step_cost(n), -n), default=0)
 
     def plan(self, length: int, capacity: int) -> int:
         if self.replan_in <= 0:
             self.expected = self._expected()
             self.replan_in = REPLAN_EVERY
         self.replan_in -= 1
-        self.capacity = capacity
-        nodes = self.best_size(capacity)
+        if capacity != self.capacity:
+            self.capacity = capacity
+            self.curve = [self.cost.verify(rows, capacity) for rows in range(1, self.max_nodes + 2)]
+        nodes = self.best_size()
         self.plain_run = self.plain_run + 1 if nodes == 0 else 0
         if self.plain_run >= PROBE_EVERY:
-            nodes, self.plain_run = self.best_size(capacity, drafting=True), 0
+            nodes, self.plain_run = self.best_size(drafting=True), 0
         if self.tree is not None and nodes > 0 and nodes != self.shaped:
             self.tree.shape_draft(nodes)
             self.shaped = nodes
@@ -302,7 +309,7 @@ class DraftShaper:
         return nodes
 
     def observe(self, verdict: Verdict, record: StepRecord) -> None:
-        predicted = self.cost.verify(record.rows, self.capacity)
+        predicted = self.verify_s(record.rows)
         self.scale += SMOOTHING * (record.verify_s / predicted - self.scale)
         if self.planned == 0:
             return
