@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from draftsmith.data.config import DataConfig
 from draftsmith.data.prompts import Conversation, load_prompts, prompts_hash
-from draftsmith.data.regenerate import regenerate
+from draftsmith.data.regenerate import AnswerEngine, TransformersEngine, regenerate
 from draftsmith.data.store import FORMAT, FORMAT_VERSION, ShardStore, check_same_run, shard_entry, summarize
 from draftsmith.data.synth import synthesize_prompts, write_unseen_questions
 from draftsmith.drafters.base import TargetNeeds
@@ -67,6 +67,15 @@ class _Progress:
         self.bar.close()
 
 
+def answer_engine(cfg: DataConfig, target: Target) -> AnswerEngine:
+    """The engine ``data.engine`` names, loaded (vLLM is imported only when asked for)."""
+    if cfg.engine == "vllm":
+        from draftsmith.data.vllm_engine import VllmEngine
+
+        return VllmEngine(target, cfg)
+    return TransformersEngine(target, cfg)
+
+
 def _generate_missing(
     store: ShardStore, manifest: dict[str, Any], cfg: DataConfig, target: Target, conversations: list[Conversation]
 ) -> None:
@@ -78,6 +87,7 @@ def _generate_missing(
         rows = list(datasets.load_from_disk(str(store.shard_path(index))))
         manifest["shards"].append(shard_entry(index, rows))
     todo = [i for i in range(manifest["n_shards"]) if i not in done]
+    engine = answer_engine(cfg, target) if todo else None  # loaded before the bar: vLLM logs as it starts
     progress = _Progress(
         len(conversations),
         initial=len(conversations) - sum(len(conversations[i * shard_rows : (i + 1) * shard_rows]) for i in todo),
@@ -87,7 +97,7 @@ def _generate_missing(
             part = conversations[index * shard_rows : (index + 1) * shard_rows]
             with torch.random.fork_rng(devices=[target.device] if target.device.type == "cuda" else []):
                 torch.manual_seed(cfg.seed * 1_000_003 + index)
-                rows = regenerate(target, part, cfg, on_batch=progress.on_batch)
+                rows = regenerate(target, part, cfg, on_batch=progress.on_batch, engine=engine)
             manifest["shards"].append(store.write_shard(index, rows))
             manifest["shards"].sort(key=lambda s: s["index"])
             manifest.update(summarize(manifest))
@@ -102,6 +112,10 @@ def build_distilled(cfg_data: Mapping[str, Any] | DataConfig, target: Target) ->
     cfg = DataConfig.from_mapping(cfg_data)
     if cfg.out:  # before the slow steps: a file in the way fails at once
         writable_folder(cfg.out, "data.out")
+    if cfg.engine == "vllm":  # before the slow steps: a missing vLLM fails at once
+        from draftsmith.data.vllm_engine import require_vllm
+
+        require_vllm()
     if cfg.unseen.out and Path(cfg.unseen.out).is_dir():
         raise DraftsmithError(f"data.unseen.out={cfg.unseen.out} is a folder: pass the path of the .jsonl to write")
     write_unseen_questions(target, cfg)  # first: seconds, kept even if the regeneration below is interrupted

@@ -22,6 +22,7 @@ DOMAIN_MIXES: dict[str, dict[str, float]] = {
     "code_math": {"code": 1.0, "math": 1.0},
 }
 BASE_DOMAINS = ("general", "code", "math")
+ENGINES = ("transformers", "vllm")
 
 
 def _plain(values: Any) -> Any:
@@ -160,6 +161,7 @@ class DataConfig:
     batch_size: int = 32
     shard_rows: int = 64  # rows per shard: the unit of resume
     cache_implementation: str = "static"  # KV cache of the regeneration's generate calls: static or dynamic
+    engine: str = "transformers"  # what regenerates: transformers' generate, or vLLM's LLM.generate (needs vllm)
     out: str | None = None  # null = shared cache, keyed by target, prompts and generation settings
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     unseen: UnseenConfig = field(default_factory=UnseenConfig)  # held-out prompts: the `count` after the n used
@@ -218,6 +220,7 @@ class DataConfig:
             " or ".join(CACHE_IMPLEMENTATIONS),
             self.cache_implementation,
         )
+        _check(self.engine in ENGINES, "engine", " or ".join(ENGINES), self.engine)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | DataConfig) -> DataConfig:
@@ -236,6 +239,10 @@ class DataConfig:
             "greedy": self.greedy,
             "system_prompt": self.system_prompt,
         }
+        if self.engine != "transformers":
+            # Another engine's kernels may round differently, so its rows are their own data set; the default
+            # engine adds no key, so folders written before the key existed keep their cache key.
+            settings["engine"] = self.engine
         if not self.greedy:
             # Sampled answers depend on the random stream, which is seeded per shard and consumed per batch.
             settings.update(

@@ -7,9 +7,9 @@ of batches, given the earlier turns' regenerated answers. Rows hold the exact id
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -54,6 +54,25 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids.to(device), mask.to(device)
 
 
+def cut_at_stop(new: Sequence[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """The new ids through the first stop id, and whether there was one (False: the answer was cut at the limit)."""
+    stops = set(stop_ids)
+    end = next((i for i, token in enumerate(new) if token in stops), None)
+    return (list(new[: end + 1]), True) if end is not None else (list(new), False)
+
+
+class AnswerEngine(Protocol):
+    """What writes the target's answers to a list of prompts (ids): transformers' ``generate`` by default, vLLM
+    with ``data.engine=vllm`` (data/vllm_engine.py)."""
+
+    # Prompts per call; None: all of a turn's prompts at once (the engine schedules its own batches).
+    batch_size: int | None
+
+    def answer(self, prompts: list[list[int]], stop_ids: list[int]) -> list[tuple[list[int], bool]]:
+        """Per prompt: the new ids (through the first stop id) and whether it stopped."""
+        ...
+
+
 @torch.inference_mode()
 def generate_batch(
     target: Target, prompts: list[list[int]], cfg: DataConfig, stop_ids: list[int]
@@ -76,12 +95,22 @@ def generate_batch(
         **sampling,
         **extra,
     )
-    answers = []
-    stops = set(stop_ids)
-    for new in out[:, ids.shape[1] :].tolist():
-        end = next((i for i, token in enumerate(new) if token in stops), None)
-        answers.append((new[: end + 1], True) if end is not None else (new, False))
-    return answers
+    return [cut_at_stop(new, stop_ids) for new in out[:, ids.shape[1] :].tolist()]
+
+
+@dataclass
+class TransformersEngine:
+    """``data.engine=transformers``: left-padded batches of ``data.batch_size`` through ``model.generate``."""
+
+    target: Target
+    cfg: DataConfig
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def answer(self, prompts: list[list[int]], stop_ids: list[int]) -> list[tuple[list[int], bool]]:
+        return generate_batch(self.target, prompts, self.cfg, stop_ids)
 
 
 def _context_limit(target: Target) -> int:
@@ -93,13 +122,16 @@ def regenerate(
     conversations: list[Conversation],
     cfg: DataConfig,
     on_batch: Callable[[int], None] | None = None,
+    engine: AnswerEngine | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows (in the order of ``conversations``) with every user turn answered by the target.
+    """Rows (in the order of ``conversations``) with every user turn answered by the target, through ``engine``
+    (default: transformers' ``generate``).
 
-    ``on_batch(new_target_tokens)`` is called after each generate call (for progress bars). A conversation
+    ``on_batch(new_target_tokens)`` is called after each engine call (for progress bars). A conversation
     whose next turn would not fit the target's context stops there; one whose first turn does not fit
     gives no row.
     """
+    engine = engine if engine is not None else TransformersEngine(target, cfg)
     template = ChatTemplate(target.tokenizer, cfg.system_prompt, cfg.chat_template)
     chats = [_Chat(c) for c in conversations]
     limit = _context_limit(target)
@@ -119,9 +151,10 @@ def regenerate(
             pending.append((chat, prompt))
         # Longest first: similar lengths share a batch (less padding), and a memory problem shows up at once.
         pending.sort(key=lambda item: len(item[0].ids) + len(item[1]), reverse=True)
-        for start in range(0, len(pending), cfg.batch_size):
-            batch = pending[start : start + cfg.batch_size]
-            answers = generate_batch(target, [chat.ids + prompt for chat, prompt in batch], cfg, template.stop_ids)
+        step = engine.batch_size or max(len(pending), 1)
+        for start in range(0, len(pending), step):
+            batch = pending[start : start + step]
+            answers = engine.answer([chat.ids + prompt for chat, prompt in batch], template.stop_ids)
             for (chat, prompt), (answer, stopped) in zip(batch, answers):
                 if turn == 0:
                     chat.prompt_len = len(prompt)
