@@ -1,5 +1,5 @@
-"""Resolve ``drafter=NAME_OR_PATH``: a registered drafter kind by name (with its default settings), anything
-else an export folder / Hub id."""
+"""Resolve ``drafter=NAME_OR_PATH``: a registered drafter kind by name (with its default settings), ``KIND+OTHER``
+two drafters composed into one (`drafters.composed`), anything else an export folder / Hub id."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from safetensors import safe_open
 import draftsmith.drafters  # noqa: F401 - registers every drafter kind
 from draftsmith.drafters.base import ADAPTER_KEY, Drafter, Tunable, drafter_class, drafter_kinds, resolve_export
 from draftsmith.drafters.chat import ChatTemplate
+from draftsmith.drafters.composed import ComposedConfig, ComposedDrafter
 from draftsmith.drafters.engine_formats import is_speculators_checkpoint, load_speculators
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.target import Target
@@ -60,6 +61,9 @@ def tuning_prompts(target: Target) -> list[list[int]]:
 
 
 def _load(name: str, target: Target) -> Drafter:
+    first, plus, second = name.partition("+")
+    if plus and first in drafter_kinds() and not Path(name).exists():
+        return _compose(first, second, target)
     if name in drafter_kinds():
         drafter = drafter_class(name).for_target(target)
         if isinstance(drafter, Tunable) and drafter.needs_tuning:
@@ -78,6 +82,17 @@ def _load(name: str, target: Target) -> Drafter:
     _check_target(drafter, name, target)
     _check_adapter(drafter)
     return drafter.to(target.device).eval()
+
+
+def _compose(first: str, second: str, target: Target) -> ComposedDrafter:
+    """``drafter=FIRST+SECOND``: both parts loaded as ``drafter=`` would load each, merged by `ComposedDrafter`."""
+    parts = [_load(first, target), _load(second, target)]
+    if any(carries_adapter(part) for part in parts):
+        raise DraftsmithError(
+            f"drafter={first}+{second}: a drafter trained with an adapted target (Medusa-2) decodes with that target "
+            "only; evaluate it alone"
+        )
+    return ComposedDrafter(parts, ComposedConfig(parts=(first, second))).to(target.device).eval()
 
 
 def _check_adapter(drafter: Drafter) -> None:
