@@ -16,7 +16,7 @@ from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.drafters.sampling import SamplingConfig
 from draftsmith.drafters.target import Target
 from draftsmith.eval import report
-from draftsmith.eval.cost_model import CostModel, DraftShaper, measured_cost
+from draftsmith.eval.cost_model import CostModel, DraftShaper, measured_cost, save_cost
 from draftsmith.eval.drift import Turn, adapter_drift
 from draftsmith.eval.engine import Generation, SpeculativeDecoder, eos_token_ids
 from draftsmith.eval.questions import Dialogue, Question
@@ -138,6 +138,9 @@ def evaluate(
     else:
         settings["draft_shape"] = shaper.summary(cost_file)
         settings["tree_nodes"] = "auto"
+        if cost_file is not None and shaper.draft_s is not None:  # the next run starts from what this one measured
+            cost.drafter_s[name] = shaper.draft_s
+            save_cost(cost, cost_file)
     summary = summarize(rows, name, target.identity.name, settings)
     if original is not None:
         summary["adapter_drift"] = adapter_drift(target.model, original, plain_answers if sampling.greedy else None)

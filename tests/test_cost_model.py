@@ -204,23 +204,26 @@ def test_auto_shaped_drafts_stay_lossless():
     assert_lossless_greedy(model, drafter, [[3, 9, 27]], 12)
 
 
-def test_evaluate_auto_records_the_shape_and_gives_the_drafter_its_tree_back(tiny_target, tmp_path):
+def test_evaluate_auto_records_the_shape_and_gives_the_drafter_its_tree_back(tiny_target, tmp_path, monkeypatch):
+    from draftsmith.eval import runner
     from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
-    from draftsmith.eval.runner import evaluate
 
+    cached = tmp_path / "cost.json"
+    monkeypatch.setattr(runner, "measured_cost", lambda target: (cost_of(GPU_LIKE), cached))
     drafter = medusa(tiny_target.model)
     configured, own = drafter.config.tree, drafter.draft_tree().paths
     questions = load_questions(DEFAULT_QUESTIONS)[:1]
-    summary = evaluate(
+    summary = runner.evaluate(
         tiny_target, drafter, questions, max_new_tokens=8, out=tmp_path, progress=False, tree_nodes="auto",
-        cost=cost_of(GPU_LIKE),
+        drafter_name="tiny-medusa",
     )  # fmt: skip
     shape = summary["settings"]["draft_shape"]
     assert summary["settings"]["tree_nodes"] == "auto" and sum(shape["chosen_nodes"].values()) > 0
-    assert shape["cost_model"]["dtype"] == "float32" and summary["lossless_mismatches"] == 0
-    assert summary["match_rate"] == 1.0
+    assert shape["cost_model"]["dtype"] == "float32" and shape["cost_model"]["file"] == str(cached)
+    assert summary["lossless_mismatches"] == 0 and summary["match_rate"] == 1.0
     assert drafter.draft_tree().paths == own and drafter.config.tree == configured
     assert "measured cost model" in (tmp_path / "report.md").read_text()
+    assert load_cost(cached).drafter_s["tiny-medusa"] > 0  # the drafter's measured cost, for the next run
 
 
 def test_eval_config_tree_nodes_is_auto_or_a_size():
