@@ -24,6 +24,7 @@ def _aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "tau": metrics.tau(appended),
         "tau_per_question": metrics.tau_per_question([row["accept_lengths"] for row in rows]),
         "alpha": metrics.alpha(accepted, offered),
+        "longest_accepted": max(accepted, default=0),  # the most draft tokens one step kept (block drafters' figure)
         "speedup": metrics.speedup(plain_tokens, plain_s, spec_tokens, spec_s),
         "tokens_per_s": {
             "plain": metrics.tokens_per_s(plain_tokens, plain_s),

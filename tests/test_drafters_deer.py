@@ -303,3 +303,16 @@ def test_one_forward_of_the_drafter_per_proposal():
     finally:
         hook.remove()
     assert len(calls) == len(steps) and len(steps) < 10
+
+
+def test_the_summary_reports_the_longest_accepted_block():
+    from draftsmith.eval.summary import summarize
+
+    row = {"category": "code", "turns": ["x"], "lossless": True, "new_tokens": 12, "wall_time": 1.0}
+    rows = [
+        {**row, "accept_lengths": [4, 1, 2], "accepted": [3, 0, 1], "offered": [8, 8, 8]},
+        {**row, "accept_lengths": [8, 1], "accepted": [7, 0], "offered": [8, 8]},
+    ]
+    rows = [{**r, "plain_new_tokens": 12, "plain_wall_time": 2.0} for r in rows]
+    summary = summarize(rows, "deer", "tiny", {})
+    assert summary["longest_accepted"] == 7 and summary["by_category"]["code"]["longest_accepted"] == 7
