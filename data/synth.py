@@ -7,9 +7,9 @@ turn; the target writes the rest of the line. Each domain is its own stream with
 ``n`` between them by weight. No prompt repeats another across the domains, nor a question of the shipped
 evaluation sets (eval/question_sets/), compared lower-cased with whitespace collapsed.
 
-Batch ``b`` of a stream is sampled with a seed derived from (seed, b), and every batch's accepted prompts are appended
-to a cache file as one JSON line, so an interrupted synthesis continues where it stopped and gives the same
-prompts as an uninterrupted one. The cache key leaves out ``n``: asking for more prompts extends the file,
+Batch ``b`` of a stream is sampled with a seed derived from (seed, b), and every batch's accepted prompts are
+appended to a cache file as one JSON line, so an interrupted synthesis continues where it stopped and gives the
+same prompts as an uninterrupted one. The cache key leaves out ``n``: asking for more prompts extends the file,
 which is also how ``write_unseen_questions`` finds prompts from the same generator that the data never used.
 """
 
@@ -237,6 +237,8 @@ def _stream(
 def _take(stream: Callable[[int], list[str]], count: int, taken: set[str], skip: int = 0) -> tuple[list[str], int]:
     """``count`` prompts of ``stream`` from position ``skip`` on whose keys are not ``taken`` (then added to it),
     and the position after the last one."""
+    if count == 0:  # a domain whose weight gives it no prompt of a small n
+        return [], skip
     want = skip + count
     while True:
         lines = stream(want)

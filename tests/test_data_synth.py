@@ -138,6 +138,7 @@ def test_domains_steer_their_own_streams_and_split_n_by_weight(
     assert len(list((tmp_path / "prompts").iterdir())) == 3
     code_math = synthesize_prompts(tiny_target, dataclasses.replace(CFG, n=8, domain="code_math"), seed=1)
     assert code_math == mixed[12:16] + mixed[18:22]
+    assert synthesize_prompts(tiny_target, dataclasses.replace(CFG, n=1, domain="code_math"), seed=1) == mixed[12:13]
 
 
 def test_no_prompt_repeats_another_domain_s_or_an_evaluation_question(
