@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,9 @@ from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.feedback import ChainFeedback
 from draftsmith.drafters.multihead import rank_hits
 from draftsmith.drafters.sampling import warp
+
+if TYPE_CHECKING:
+    from draftsmith.drafters.target import Target
 
 STAGES = ("adapt", "continue", "scribe")
 TOKEN, MASK, SEPARATOR = 0, 1, 2  # what a block row holds
@@ -191,6 +194,14 @@ class DeerDrafter(Drafter):
         if self.config.architecture is not None:
             self._build()
         self.reset()
+
+    @classmethod
+    def for_target(cls, target: Target) -> DeerDrafter:
+        """``drafter=deer`` untrained: the target's first layers copied, the baseline a trained DEER starts from."""
+        drafter = cls(DeerConfig(init_from="target"))
+        drafter.bind(target.model)
+        drafter.init_weights("target", target.model)
+        return drafter
 
     # -- building ------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from draftsmith.drafters.base import Drafter
 from draftsmith.drafters.deer import DeerConfig, DeerDrafter, Groups
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.sampling import SamplingConfig, warp
+from draftsmith.drafters.target import Target
 from draftsmith.eval.engine import SpeculativeDecoder
 from draftsmith.eval.testing import assert_lossless_greedy
 
@@ -316,3 +317,13 @@ def test_the_summary_reports_the_longest_accepted_block():
     rows = [{**r, "plain_new_tokens": 12, "plain_wall_time": 2.0} for r in rows]
     summary = summarize(rows, "deer", "tiny", {})
     assert summary["longest_accepted"] == 7 and summary["by_category"]["code"]["longest_accepted"] == 7
+
+
+def test_drafter_deer_by_name_is_the_untrained_copy_of_the_first_layers():
+    model = tiny_llama(layers=5, seed=1)
+    drafter = DeerDrafter.for_target(Target(model=model, tokenizer=None, identity=None))
+    assert drafter.lm.config.num_hidden_layers == 4  # the default num_layers
+    own, target = drafter.lm.state_dict(), model.state_dict()
+    for name in ("model.layers.3.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(own[name], target[name], rtol=0, atol=0)
+    assert_lossless_greedy(model, drafter, [[7, 100, 23, 9]], 12)
