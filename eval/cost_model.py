@@ -289,10 +289,11 @@ class DraftShaper:
         sizes = range(1 if drafting else 0, len(self.expected))
         return max(sizes, key=lambda n: (self.expected[n] / self.step_cost(n), -n), default=0)
 
-    def plan(self, length: int, capacity: int) -> int:
+    def plan(self, capacity: int) -> int:
         if self.replan_in <= 0:
             self.expected = self._expected()
             self.replan_in = REPLAN_EVERY
+            self.shaped = None  # the refined acceptance may rank the nodes differently: rebuild the tree
         self.replan_in -= 1
         if capacity != self.capacity:
             self.capacity = capacity

@@ -37,9 +37,9 @@ class StepRecord:
 class DraftPlanner(Protocol):
     """Chooses each step's draft size (``tree_nodes=auto``, `eval.cost_model.DraftShaper`)."""
 
-    def plan(self, length: int, capacity: int) -> int:
-        """The most draft nodes to verify next, at ``length`` verified tokens in a cache of ``capacity`` slots;
-        0 = a plain step, for which the drafter is not asked."""
+    def plan(self, capacity: int) -> int:
+        """The most draft nodes to verify next, in a cache of ``capacity`` slots (every verification attends over
+        all of them); 0 = a plain step, for which the drafter is not asked."""
         ...
 
     def observe(self, verdict: acceptance.Verdict, record: StepRecord) -> None:
@@ -235,7 +235,7 @@ class SpeculativeDecoder:
         while len(result.tokens) < max_new_tokens and result.tokens[-1] not in self.eos_ids:
             room = min(self.max_draft_nodes, cache.capacity - length - 1)
             if planner is not None:
-                room = min(room, planner.plan(length, cache.capacity))
+                room = min(room, planner.plan(cache.capacity))
             drafted = time.perf_counter()
             if room > 0:
                 state = DecodeState(
@@ -268,13 +268,14 @@ class SpeculativeDecoder:
                 new_from = start
             length += len(new)
             ended = time.perf_counter()
-            drafter_s += verifying - drafted
+            draft_s = verifying - drafted if room > 0 else 0.0
+            drafter_s += draft_s
             record = StepRecord(
                 appended=len(new),
                 accepted=len(verdict.path),
                 offered=verdict.offered,
                 rows=len(draft) + 1,
-                draft_s=verifying - drafted,
+                draft_s=draft_s,
                 verify_s=ended - verifying,
             )
             result.steps.append(record)
