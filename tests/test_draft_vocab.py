@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import perturb, repetitive_llama, tiny_llama
-from test_bad_input import cli, one_error_line
 from test_eval_sampling import VOCAB, assert_matches
 from test_training_support import make_trainer, settings, tiny_drafter, tiny_rows, tiny_target
 
@@ -21,7 +20,7 @@ from draftsmith.eval.engine import SpeculativeDecoder
 from draftsmith.eval.testing import assert_lossless_greedy
 from draftsmith.training.datamodule import DistillDataModule
 from draftsmith.training.module import DrafterModule, frozen_target_expected
-from draftsmith.training.pipeline import prepare_draft_vocab
+from draftsmith.training.pipeline import drafter_config, prepare_draft_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,9 +72,11 @@ def test_size_checks_fail_in_one_line():
     check_size("medusa", 128, 128)
 
 
-def test_train_py_refuses_a_draft_vocab_below_one_in_one_line(tmp_path):
-    line = one_error_line(cli("train.py", f"out={tmp_path / 'run'}", "drafter.draft_vocab=0"))
-    assert "amphista draft_vocab=0: give at least 10 tokens" in line
+def test_the_recipes_drafter_config_refuses_a_draft_vocab_below_one():
+    """What `draftsmith-train drafter.draft_vocab=0` reads before anything slow (one_line_errors prints it)."""
+    with pytest.raises(DraftsmithError, match="amphista draft_vocab=0: give at least 10 tokens"):
+        drafter_config({"kind": "amphista", "draft_vocab": 0})
+    assert drafter_config({"kind": "eagle3", "draft_vocab": 4096}).draft_vocab == 4096
 
 
 def hand_loss(drafter: MedusaDrafter, batch, hidden, target_logits, decay: float):
