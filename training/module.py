@@ -268,9 +268,7 @@ class DrafterModule(L.LightningModule):
         measured = self.drafter.measured_fields
         varying = set(measured) | phases.overridden(self.settings.phases)
         differing = sorted(
-            k
-            for k in set(saved) | set(current)
-            if k not in varying and saved.get(k, defaults.get(k)) != current.get(k)
+            k for k in set(saved) | set(current) if k not in varying and saved.get(k, defaults.get(k)) != current.get(k)
         )
         if saved and differing:
             raise DraftsmithError(
