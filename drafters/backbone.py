@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.drafters.base import Drafter, DrafterConfig, LossOutput, TargetNeeds
-from draftsmith.drafters.draft_vocab import DraftVocab, check_size
+from draftsmith.drafters.draft_vocab import DraftVocab, check_size, install
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.multihead import Borrowed, multi_head_loss
 
@@ -344,11 +344,9 @@ class FeatureDrafter(Drafter):
 
     def set_draft_vocab(self, ids: torch.Tensor) -> None:
         """Install the draft vocabulary training built; a bound drafter's LM head starts from its rows."""
-        if self.vocab_map is None:
-            raise DraftsmithError(f"this {self.config.kind} drafter has no draft_vocab: set drafter.draft_vocab=N")
-        self.vocab_map.set_ids(ids)
+        vocab_map = install(self.vocab_map, self.config.kind, ids)
         if self.backbone is not None and "target_lm_head" in self.backbone.borrowed:
-            self.backbone.init_lm_head(self.vocab_map)
+            self.backbone.init_lm_head(vocab_map)
 
     def _built(self) -> FeatureBackbone:
         if self.backbone is None:

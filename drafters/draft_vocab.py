@@ -124,6 +124,14 @@ class DraftVocab(nn.Module):
         return torch.log_softmax(logits[..., ids.to(logits.device)].float(), dim=-1)
 
 
+def install(vocab: DraftVocab | None, kind: str, ids: torch.Tensor) -> DraftVocab:
+    """Give a drafter's map the ids training chose; one line when the drafter was made without ``draft_vocab``."""
+    if vocab is None:
+        raise DraftsmithError(f"this {kind} drafter has no draft_vocab: set drafter.draft_vocab=N")
+    vocab.set_ids(ids)
+    return vocab
+
+
 def full_ids(vocab: DraftVocab | None, draft_ids: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary ids of a drafter's candidates: through the map if it has one, else unchanged."""
     return draft_ids if vocab is None else vocab.to_full(draft_ids)

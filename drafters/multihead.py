@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from draftsmith.drafters.base import DecodeState, Draft, Drafter, DrafterConfig, LossOutput, TargetNeeds
-from draftsmith.drafters.draft_vocab import DraftVocab, check_size, full_ids, keep_inside
+from draftsmith.drafters.draft_vocab import DraftVocab, check_size, full_ids, install, keep_inside
 from draftsmith.drafters.errors import DraftsmithError
 from draftsmith.drafters.rank_trees import TreeMixin, tree_draft
 
@@ -237,9 +237,7 @@ class MultiHeadDrafter(TreeMixin, Drafter):
 
     def set_draft_vocab(self, ids: torch.Tensor) -> None:
         """Install the draft vocabulary training built (`drafters.draft_vocab.most_frequent`)."""
-        if self.vocab_map is None:
-            raise DraftsmithError(f"this {self.config.kind} drafter has no draft_vocab: set drafter.draft_vocab=N")
-        self.vocab_map.set_ids(ids)
+        install(self.vocab_map, self.config.kind, ids)
         if self.built and not self.config.share_lm_head:  # bound before the map existed: copies start now
             projections = self.heads.projections
             self._init_copies(self.borrowed.get("lm_head", projections.device, projections.dtype))

@@ -70,6 +70,8 @@ def test_size_checks_fail_in_one_line():
         tiny_drafter(tiny_target(), "eagle3", draft_vocab=200)
     check_size("medusa", None)
     check_size("medusa", 128, 128)
+    with pytest.raises(DraftsmithError, match="this eagle3 drafter has no draft_vocab: set drafter.draft_vocab=N"):
+        tiny_drafter(tiny_target(), "eagle3").set_draft_vocab(torch.arange(8))
 
 
 def test_the_recipes_drafter_config_refuses_a_draft_vocab_below_one():
