@@ -11,6 +11,9 @@ predictions per shape, both from the cached cost model (`draftsmith-eval profile
   what `DraftShaper` maximises; only for drafters with one (Medusa, Amphista, ParallelSpec) at fixed sizes.
 
     .venv/bin/python benchmarks/cost_model.py --drafter outputs/demo/export --limit 8 --threads 1
+
+``--engine-vs-bare`` adds the engine's verification step against a bare transformers forward of as many tokens
+(the tree path's own overhead).
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from transformers import DynamicCache, PreTrainedModel
 
 from draftsmith.drafters.chat import ChatTemplate
 from draftsmith.drafters.plain import PlainDrafter
 from draftsmith.drafters.target import TargetSpec, load_target
-from draftsmith.eval.cost_model import AdaptiveTree, CostModel, DraftShaper, measured_cost
+from draftsmith.eval.cost_model import AdaptiveTree, CostModel, DraftShaper, measured_cost, profile_target
 from draftsmith.eval.engine import Generation, SpeculativeDecoder
 from draftsmith.eval.loading import load_drafter
 from draftsmith.eval.questions import DEFAULT_QUESTIONS, load_questions
@@ -44,6 +49,29 @@ def predicted_step_s(cost: CostModel, steps: list[tuple[int, float]], capacity: 
     return statistics.mean((draft_s if asked > 0 else 0.0) + cost.verify(rows, capacity) for rows, asked in steps)
 
 
+def engine_against_bare(model: PreTrainedModel, key: dict, rows: list[int], context: int, repeats: int) -> Table:
+    """The engine's verification step (tree mask, rollback cache, acceptance) against a bare forward of as many new
+    tokens over a transformers DynamicCache of the same context: what the engine's tree path costs on top."""
+    engine = profile_target(model, key, rows=rows, contexts=(context,), repeats=repeats).verify_s[0]
+    prompt = torch.randint(0, int(model.config.vocab_size), (1, context), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    table = Table(title=f"engine step vs bare forward at a {context}-token context (median of {repeats})")
+    for column in ("rows", "engine ms", "bare ms", "engine / bare"):
+        table.add_column(column, justify="right")
+    with torch.inference_mode():
+        model(input_ids=prompt.to(model.device), past_key_values=cache, use_cache=True)
+        for q, engine_s in zip(rows, engine, strict=True):
+            times = []
+            for _ in range(repeats + 1):
+                began = time.perf_counter()
+                model(input_ids=prompt[:, :q].to(model.device), past_key_values=cache, use_cache=True)
+                times.append(time.perf_counter() - began)
+                cache.crop(-q)
+            bare = statistics.median(times[1:])
+            table.add_row(str(q), f"{1000 * engine_s:.1f}", f"{1000 * bare:.1f}", f"{engine_s / bare:.2f}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--drafter", required=True, help="an export folder, a Hub id or a drafter kind")
@@ -54,6 +82,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,3,4,6,8,12,16", help="fixed draft sizes besides plain and auto")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the preset's)")
+    parser.add_argument("--engine-vs-bare", action="store_true", help="also time engine step vs bare forward")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = TargetSpec.from_any(args.target)
@@ -109,6 +138,8 @@ def main() -> None:
         table.add_row(*cells)
     console = Console()
     console.print(table)
+    if args.engine_vs_bare:
+        console.print(engine_against_bare(target.model, cost.key, [1, 4, 8, 16], 300, 7))
     console.print(
         f"t_draft {1000 * draft_s:.1f} ms, cache {capacity} slots, plain step predicted "
         f"{1000 * cost.verify(1, capacity):.1f} ms; auto chose {dict(sorted(shaper.chosen.items()))} (nodes: steps). "
