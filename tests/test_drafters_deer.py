@@ -327,3 +327,45 @@ def test_drafter_deer_by_name_is_the_untrained_copy_of_the_first_layers():
     for name in ("model.layers.3.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"):
         torch.testing.assert_close(own[name], target[name], rtol=0, atol=0)
     assert_lossless_greedy(model, drafter, [[7, 100, 23, 9]], 12)
+
+
+def test_diffuspec_lattice_proxy_search_and_length_by_hand():
+    from math import log
+
+    from draftsmith.drafters.diffuspec import LengthController, NgramProxy, lattice, path_search
+
+    probs = torch.tensor(
+        [
+            [0.50, 0.40, 0.10, 0.00, 0.00],  # 0.8 reached after two candidates
+            [0.90, 0.05, 0.05, 0.00, 0.00],  # one candidate carries 0.8
+            [0.30, 0.22, 0.20, 0.18, 0.10],  # width 3 stops before 0.8
+            [0.12, 0.11, 0.10, 0.07, 0.60],  # the first position whose most likely token is EOS (4): kept, the rest cut
+            [1.00, 0.00, 0.00, 0.00, 0.00],
+        ]
+    )
+    positions = lattice(probs, mass=0.8, width=3, eos_ids={4})
+    assert [[t for t, _ in p] for p in positions] == [[0, 1], [0], [0, 1, 2], [4, 0, 1]]
+    assert positions[0][1][1] == pytest.approx(log(0.4))
+
+    proxy = NgramProxy(order=2, vocab=5, prior=1.0)
+    proxy.update([1, 0, 1, 0, 1])  # bigrams 1->0 twice, 0->1 twice; unigrams 1 x3, 0 x2
+    unigram = (3 + 1 / 5) / (5 + 1)
+    assert proxy.log_prob([7], 1) == pytest.approx(log(unigram))  # unseen history: the unigram
+    assert proxy.log_prob([0], 1) == pytest.approx(log((2 + unigram) / (2 + 1)))
+    proxy.update([1, 0, 1, 0, 1, 1])  # extends what was counted
+    assert proxy.totals[1][(1,)] == 3
+    proxy.update([2, 2])  # another sequence: counted anew
+    assert proxy.totals[0][()] == 2
+
+    # the per-position argmax reads 0 0 0 but the proxy, having seen only 1 after 0, prefers 0 1 ...
+    proxy.update([0, 1, 0, 1, 0])
+    path = path_search(positions[:3], proxy, [0, 1, 0], beam=3, weight=0.2, eos_ids={4})
+    assert path[:2] == [1, 0] and len(path) == 3
+    greedy_like = path_search(positions[:3], proxy, [0, 1, 0], beam=3, weight=1.0, eos_ids={4})
+    assert greedy_like == [0, 0, 0]  # weight 1: the drafter's log-probabilities alone
+    assert path_search(positions, proxy, [0], beam=2, weight=1.0, eos_ids={4})[-1] == 4  # EOS only at the end
+
+    controller = LengthController(low=4, high=12, step=4, rho=0.5)
+    assert controller.update(drafted=4, accepted=4) == 8  # accepted whole: grow by step
+    assert controller.update(drafted=8, accepted=1) == 6  # else follow the drafted EMA (4 + 8) / 2
+    assert controller.update(drafted=2, accepted=0) == 4  # clipped at low
