@@ -104,11 +104,11 @@ def evaluate(
     template = ChatTemplate(target.tokenizer)
     name = drafter_name or drafter.config.kind
     shaper, cost_file = None, None
-    if tree_nodes == "auto":
+    if tree_nodes == "auto" and drafter.max_draft_nodes() != 0:  # a drafter that never drafts has nothing to size
         if cost is None:
             cost, cost_file = measured_cost(target)
         shaper = DraftShaper(drafter, cost, drafter_s=cost.drafter_s.get(name))
-    elif tree_nodes is not None:
+    elif tree_nodes not in (None, "auto"):
         raise DraftsmithError(f"tree_nodes={tree_nodes!r}: evaluate takes 'auto' or None (set a size on the drafter)")
     rows = []
     plain_answers = []

@@ -225,6 +225,13 @@ def test_evaluate_auto_records_the_shape_and_gives_the_drafter_its_tree_back(tin
     assert "measured cost model" in (tmp_path / "report.md").read_text()
     assert load_cost(cached).drafter_s["tiny-medusa"] > 0  # the drafter's measured cost, for the next run
 
+    def unmeasurable(target):
+        raise AssertionError("plain decoding has no draft to size: no cost model needed")
+
+    monkeypatch.setattr(runner, "measured_cost", unmeasurable)
+    plain = runner.evaluate(tiny_target, PlainDrafter(), questions, max_new_tokens=4, progress=False, tree_nodes="auto")
+    assert "draft_shape" not in plain["settings"]
+
 
 def test_eval_config_tree_nodes_is_auto_or_a_size():
     assert EvalConfig().tree_nodes == "auto" and EvalConfig().draft_size is None
