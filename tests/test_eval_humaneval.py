@@ -64,3 +64,12 @@ def test_the_evaluator_decodes_the_first_problems(tiny_target: Target, tmp_path:
     assert summary["n_questions"] == 2 and summary["lossless_mismatches"] == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [row["id"] for row in rows] == ["HumanEval/0", "HumanEval/1"]
+
+
+def test_a_training_recipe_evaluates_on_humaneval_each_epoch() -> None:
+    from omegaconf import OmegaConf
+
+    from draftsmith.training.pipeline import load_eval_questions
+
+    questions = load_eval_questions(OmegaConf.create({"questions": "humaneval", "limit": 3}))
+    assert [q.id for q in questions] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]

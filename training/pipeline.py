@@ -80,10 +80,10 @@ def resolve_path(path: str | Path) -> Path:
 def load_eval_questions(eval_cfg: Any) -> list[Any]:
     """The acceptance-eval questions (``eval.questions``, null = eval's default set): ``eval.limit`` of them,
     round-robin over the categories."""
-    from draftsmith.eval.questions import DEFAULT_QUESTIONS, across_categories, load_questions
+    from draftsmith.eval.questions import DEFAULT_QUESTIONS, HUMANEVAL, across_categories, load_questions
 
-    path = eval_cfg.get("questions")
-    questions = load_questions(resolve_path(path) if path else DEFAULT_QUESTIONS)
+    path = eval_cfg.get("questions") or DEFAULT_QUESTIONS
+    questions = load_questions(path if path == HUMANEVAL else resolve_path(path))
     limit = eval_cfg.get("limit")
     return questions if limit is None else across_categories(questions, int(limit))
 
