@@ -38,7 +38,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32, help="the transformers engine's data.batch_size")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--vllm-compile", action="store_true", help="vLLM with torch.compile (default: eager)")
     parser.add_argument("--target", default="smollm2-135m-instruct")
     args = parser.parse_args()
 
@@ -59,7 +58,7 @@ def main() -> None:
     load_seconds: dict[str, float] = {}
     for name, make in (
         ("transformers", lambda: TransformersEngine(target, cfg)),
-        ("vllm", lambda: VllmEngine(target, replace(cfg, engine="vllm"), eager=not args.vllm_compile)),
+        ("vllm", lambda: VllmEngine(target, replace(cfg, engine="vllm"))),
     ):
         start = time.perf_counter()
         engines[name] = make()
@@ -79,7 +78,7 @@ def main() -> None:
     same = sum(answers["vllm"][c.id] == answers["transformers"][c.id] for c in conversations) / len(conversations)
     print(
         f"{len(conversations)} prompts, greedy, max_new_tokens={args.max_new_tokens}, transformers batch "
-        f"{args.batch_size}, vLLM {'compiled' if args.vllm_compile else 'eager'}, {args.rounds} rounds, "
+        f"{args.batch_size}, vLLM on {target.device} (eager on a CPU), {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads, {target.model.dtype} (a shared machine: compare ratios, not absolutes)"
     )
     for name in names:

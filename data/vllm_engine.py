@@ -50,33 +50,35 @@ def target_folder(target: Target) -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def load_llm(folder: str, dtype: str, max_model_len: int | None, eager: bool) -> Any:
-    """vLLM's offline engine for ``folder``, kept because a process holds one engine. ``eager`` skips vLLM's
-    torch.compile warm-up (minutes on a CPU, once per process)."""
+def load_llm(folder: str, dtype: str, max_model_len: int | None, device: str) -> Any:
+    """vLLM's offline engine for ``folder``, kept because a process holds one engine."""
     require_vllm()
     # The engine core in this process: vLLM's default child process is spawned, which re-runs the caller's
     # __main__ (a CLI or a test module) and fails where that is not guarded.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
-    compile_args: dict[str, Any] = {"enforce_eager": True, "compilation_config": {"mode": 0}} if eager else {}
-    return LLM(model=folder, dtype=dtype, max_model_len=max_model_len, **compile_args)
+    if device == "cpu":  # vLLM's torch.compile warm-up took 3-4 min on a 2-core CPU, eager start-up seconds
+        device_args: dict[str, Any] = {"enforce_eager": True, "compilation_config": {"mode": 0}}
+    else:  # vLLM asks for a share of the whole GPU, and build.py's transformers copy of the target holds part of it
+        free, total = torch.cuda.mem_get_info(torch.device(device))
+        device_args = {"gpu_memory_utilization": 0.9 * free / total}
+    return LLM(model=folder, dtype=dtype, max_model_len=max_model_len, **device_args)
 
 
 class VllmEngine:
-    """An `AnswerEngine` (data/regenerate.py) over vLLM. ``eager`` (default: on a CPU target) skips vLLM's
-    compilation: on a CPU it costs minutes that a regeneration of this size does not win back."""
+    """An `AnswerEngine` (data/regenerate.py) over vLLM, on the target's device and in its dtype."""
 
     batch_size = None  # a turn's prompts go in one call: vLLM's scheduler batches them as they come and go
 
-    def __init__(self, target: Target, cfg: DataConfig, eager: bool | None = None) -> None:
+    def __init__(self, target: Target, cfg: DataConfig) -> None:
         self.cfg = cfg
         limit = getattr(target.model.config, "max_position_embeddings", None)
         self.llm = load_llm(
             str(target_folder(target)),
             str(target.model.dtype).removeprefix("torch."),
             int(limit) if limit else None,
-            target.device.type == "cpu" if eager is None else eager,
+            str(target.device),
         )
 
     def answer(self, prompts: list[list[int]], stop_ids: list[int]) -> list[tuple[list[int], bool]]:
