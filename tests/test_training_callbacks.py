@@ -135,3 +135,14 @@ def test_only_rank_zero_evaluates(tmp_path, scripted_taus):
     trainer = SimpleNamespace(is_global_zero=False, current_epoch=0, global_step=0, loggers=[])
     callback.on_train_epoch_end(trainer, nn.ModuleDict({"drafter": tiny_drafter(target)}))
     assert scripted_taus == [] and not (tmp_path / "export").exists()
+
+
+def test_epochs_compare_at_the_drafters_own_tree_and_the_final_evaluation_is_auto(tmp_path, scripted_taus):
+    target = tiny_target()
+    callback = AcceptanceEval(
+        target, ["q"], Exporter(tmp_path / "export", target.identity, {}), max_new_tokens=4, tree_nodes="auto"
+    )
+    drafter = tiny_drafter(target)
+    _run_epochs(callback, drafter, tmp_path, 2)
+    callback.measure(nn.ModuleDict({"drafter": drafter}), None)
+    assert [call["tree_nodes"] for call in scripted_taus] == [None, None, "auto"]

@@ -61,7 +61,9 @@ class AcceptanceEval(L.Callback):
         self.temperature = temperature
         self.out = Path(out) if out is not None else None
         self.seed = seed
-        self.tree_nodes = tree_nodes  # "auto": drafts sized per step by the measured cost model
+        # the final evaluation's draft size ("auto": per step, by the measured cost model); the per-epoch ones that
+        # pick the kept epoch use the drafter's own tree, so every epoch is measured at one shape
+        self.tree_nodes = tree_nodes
         self.kept_summary: dict[str, Any] | None = None
         self.kept_epoch_dir: Path | None = None
         self.kept_step: int | None = None  # the optimizer step of the exported weights
@@ -85,10 +87,12 @@ class AcceptanceEval(L.Callback):
         *,
         target: Target | None = None,
         drafter: torch.nn.Module | None = None,
+        own_tree: bool = False,
     ) -> dict[str, Any]:
         """Decode the questions with ``drafter`` (default: the module's) on ``target`` (default: this callback's)
-        with this callback's settings, in eval mode, without touching the global RNG; a Medusa-2 module's
-        summary carries the drift from the original target."""
+        with this callback's settings (``own_tree``: at the drafter's own tree, whatever ``tree_nodes`` says), in
+        eval mode, without touching the global RNG; a Medusa-2 module's summary carries the drift from the
+        original target."""
         from draftsmith.eval.runner import evaluate
 
         target = self.target if target is None else target
@@ -109,7 +113,7 @@ class AcceptanceEval(L.Callback):
                 seed=self.seed,
                 progress=True,
                 original=self._original_answers(pl_module),
-                tree_nodes=self.tree_nodes,
+                tree_nodes=None if own_tree else self.tree_nodes,
             )
         for module, training in modes:
             module.train(training)
@@ -120,7 +124,7 @@ class AcceptanceEval(L.Callback):
             return
         epoch = trainer.current_epoch
         epoch_dir = None if self.out is None else self.out / f"epoch{epoch}"
-        summary = self.measure(pl_module, epoch_dir)
+        summary = self.measure(pl_module, epoch_dir, own_tree=True)
         metrics = {"accept/tau": float(summary["tau"]), "accept/speedup": float(summary["speedup"])}
         for name, value in summary.get("adapter_drift", {}).items():
             if value is not None:

@@ -119,8 +119,9 @@ class AcceptanceSettings:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0 = greedy (lossless check on)
     keep: str = "best"  # the export kept: best = the epoch with the highest tau (a tie: the later), last = final
-    # auto = each step's draft size chosen by the measured cost model (eval/cost_model.py); null = the drafter's own
-    # tree (drafter.tree_nodes, the one the export carries)
+    # the final evaluation's draft size: auto = each step's chosen by the measured cost model (eval/cost_model.py);
+    # null = the drafter's own tree (drafter.tree_nodes, the one the export carries). The per-epoch evaluations that
+    # pick the kept epoch always use the drafter's own tree, so epochs compare at one shape
     tree_nodes: str | None = "auto"
 
     @classmethod
