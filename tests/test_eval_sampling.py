@@ -36,6 +36,25 @@ def assert_matches(counts: torch.Tensor, expected_probs: torch.Tensor) -> None:
     assert p_value > P_THRESHOLD, f"speculative sampling is off the target distribution (p = {p_value:.2e})"
 
 
+def assert_two_tokens_follow_the_target(model, drafter, prompt: list[int], sampling: SamplingConfig) -> None:
+    """Sample two tokens 1,000 times with ``drafter``: their joint counts must match the target's p(x1) p(x2 | x1)
+    (chi-square), and the first draft token must be accepted at times and rejected at others, so both branches of
+    the acceptance rule decide the second token often."""
+    with torch.inference_mode():
+        p1 = warp(model(torch.tensor([prompt])).logits[0, -1], sampling)
+        p2 = warp(model(torch.tensor([prompt + [x] for x in range(VOCAB)])).logits[:, -1], sampling)
+    decoder = SpeculativeDecoder(model, eos_ids=set(), sampling=sampling, max_draft_nodes=8)
+    generator = torch.Generator().manual_seed(12)
+    counts = torch.zeros(VOCAB, VOCAB)
+    first_accepted = 0
+    for _ in range(1_000):
+        generation = decoder.generate(prompt, drafter, 2, generator)
+        counts[tuple(generation.tokens)] += 1
+        first_accepted += generation.steps[0].accepted > 0
+    assert 100 < first_accepted < 900  # acceptances and rejections both decide the second token often
+    assert_matches(counts, p1[:, None] * p2)
+
+
 def skewed_q(seed: int) -> torch.Tensor:
     """A drafter distribution deliberately unlike the target's, so rejections are frequent."""
     return torch.softmax(2.0 * torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed)), dim=-1)
