@@ -78,14 +78,18 @@ def test_vllm_serves_the_medusa_form_losslessly(
     drafter.set_tree([[0] * depth for depth in range(1, chain + 1)])
     decoder = SpeculativeDecoder(real_target.model, eos_ids=set(template.stop_ids))
     steps = [s for p in prompts for s in decoder.generate(p, drafter, MAX_NEW_TOKENS).steps]
-    ours = sum(s.accepted for s in steps) / sum(s.offered for s in steps)
+    # vLLM's rate: accepted / drafted, every draft counting all `chain` tokens (a step's `offered` counts only
+    # the positions up to the first rejection, so it is not the same denominator).
+    drafts = [s for s in steps if s.rows > 1]
+    ours = sum(s.accepted for s in drafts) / (chain * len(drafts))
+    ours_per_position = [sum(s.accepted > i for s in drafts) / len(drafts) for i in range(chain)]
     theirs = counters["num_accepted_tokens"] / counters["num_draft_tokens"]
     per_position = [n / counters["num_drafts"] for n in counters["num_accepted_tokens_per_pos"]]
     print(
         f"\nMedusa ({'trained: ' + os.environ[EXPORT_ENV] if trained else 'fresh heads'}), chain of {chain}, "
-        f"{len(prompts)} prompts: vLLM acceptance {theirs:.3f} (per position "
-        f"{', '.join(f'{p:.3f}' for p in per_position)}; mean accepted length "
-        f"{1 + counters['num_accepted_tokens'] / counters['num_drafts']:.2f}), draftsmith's engine {ours:.3f}"
+        f"{len(prompts)} prompts, acceptance (accepted / drafted): vLLM {theirs:.3f} (per position "
+        f"{', '.join(f'{p:.3f}' for p in per_position)}; {counters['num_drafts']} drafts), draftsmith's engine "
+        f"{ours:.3f} (per position {', '.join(f'{p:.3f}' for p in ours_per_position)}; {len(drafts)} drafts)"
     )
     if trained:
         assert counters["num_accepted_tokens"] > 0
