@@ -1,7 +1,8 @@
 """Greedy decoding through vLLM in a process of its own (vLLM holds one engine per process), with or without a
-Medusa drafter in vLLM's form; the engine tier's tests run it once per engine.
+drafter in an engine form (Medusa in vLLM's form, EAGLE-3 in the speculators form); the engine tier's tests run
+it once per engine.
 
-    python tests_engines/vllm_decode.py TARGET_FOLDER PROMPTS_JSON OUT_JSON [--medusa DIR --tokens K]
+    python tests_engines/vllm_decode.py TARGET_FOLDER PROMPTS_JSON OUT_JSON [--draft DIR --method M --tokens K]
 
 PROMPTS_JSON: {"prompts": [[ids], ...], "stop_ids": [...], "max_new_tokens": N}. OUT_JSON gets the answers'
 ids, and with a drafter vLLM's speculative counters: drafts, draft tokens, accepted tokens (per position too).
@@ -35,7 +36,8 @@ def main() -> None:
     parser.add_argument("target")
     parser.add_argument("prompts")
     parser.add_argument("out")
-    parser.add_argument("--medusa", default=None, help="a Medusa drafter in vLLM's form (engines/vllm of an export)")
+    parser.add_argument("--draft", default=None, help="a drafter in an engine form (engines/NAME of an export)")
+    parser.add_argument("--method", default="medusa", choices=("medusa", "eagle3"), help="vLLM's method for it")
     parser.add_argument("--tokens", type=int, default=3, help="num_speculative_tokens: the draft chain's length")
     args = parser.parse_args()
 
@@ -45,7 +47,7 @@ def main() -> None:
 
     job = json.loads(Path(args.prompts).read_text())
     speculative = (
-        {"method": "medusa", "model": args.medusa, "num_speculative_tokens": args.tokens} if args.medusa else None
+        {"method": args.method, "model": args.draft, "num_speculative_tokens": args.tokens} if args.draft else None
     )
     llm = LLM(
         model=args.target,
