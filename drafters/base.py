@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -307,10 +308,15 @@ class Drafter(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, target: nn.Module | None = None, tokenizer_hash: str | None = None
+        cls,
+        path_or_hub_id: str | Path,
+        target: nn.Module | None = None,
+        tokenizer_hash: str | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> Drafter:
         """Load an export folder or Hub repo. With ``tokenizer_hash``, refuse a drafter made for a
-        target whose tokenizer differs; with ``target``, bind the shared target modules."""
+        target whose tokenizer differs; with ``target``, bind the shared target modules; ``settings`` replace
+        those of its config.json (decoding options; an option the kind lacks is an error naming it)."""
         from safetensors.torch import load_file
 
         directory = resolve_export(path_or_hub_id)
@@ -322,7 +328,7 @@ class Drafter(nn.Module):
                 f"but this target's tokenizer is {tokenizer_hash[:12]}: evaluate it with its own target "
                 f"({config.get('target', {}).get('name', 'see its config.json')})"
             )
-        values = dict(config["drafter"])
+        values = dict(config["drafter"]) | dict(settings or {})
         kind_cls = drafter_class(str(values.pop("kind", None)))
         if cls is not Drafter and not issubclass(kind_cls, cls):
             raise DraftsmithError(f"{path_or_hub_id} holds a {kind_cls.__name__}, not a {cls.__name__}")

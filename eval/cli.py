@@ -28,6 +28,7 @@ PRIMARY_CONFIG = resources.files("draftsmith.recipes") / "eval.yaml"
 # EvalConfig is frozen, so that Hydra can merge the command line into it.
 SCHEMA = OmegaConf.structured(EvalConfig)
 OmegaConf.set_readonly(SCHEMA, None)
+OmegaConf.set_struct(SCHEMA.drafter_set, False)  # its keys are the drafter's, checked when the export loads
 ConfigStore.instance().store(name="eval_schema", node=SCHEMA)
 ConfigStore.instance().store(name="eval", node=OmegaConf.create(PRIMARY_CONFIG.read_text()))
 
@@ -57,7 +58,7 @@ def run(cfg: DictConfig | EvalConfig) -> dict:
     from draftsmith.eval.loading import adapt_target, carries_adapter, load_drafter
     from draftsmith.eval.runner import evaluate
 
-    drafter = load_drafter(cfg.drafter, target, tree_nodes=cfg.draft_size, merge_adapter=False)
+    drafter = load_drafter(cfg.drafter, target, cfg.draft_size, merge_adapter=False, settings=cfg.drafter_set)
     original = None
     if carries_adapter(drafter):  # Medusa-2: the original target answers first, for the drift figures
         original = greedy_turns(target, questions, cfg.max_new_tokens)
@@ -87,7 +88,7 @@ def profile(cfg: DictConfig | EvalConfig) -> str:
     from draftsmith.eval.loading import adapt_target, load_drafter
     from draftsmith.eval.report import cost_plot
 
-    drafter = load_drafter(cfg.drafter, target, tree_nodes=cfg.draft_size, merge_adapter=False)
+    drafter = load_drafter(cfg.drafter, target, cfg.draft_size, merge_adapter=False, settings=cfg.drafter_set)
     adapt_target(drafter, target)  # a Medusa-2 export decodes with its adapted target: that is what costs
     cost, path = measured_cost(target, refresh=cfg.refresh)
     if cfg.refresh or cfg.drafter not in cost.drafter_s:

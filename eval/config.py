@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from draftsmith.drafters.errors import DraftsmithError
@@ -36,6 +36,9 @@ class EvalConfig:
     out: str = "outputs/eval"
     profile: bool = False  # only print the cost model (target step time per verified rows, drafter cost) and plot it
     refresh: bool = False  # measure the cost model again instead of reading the cached one
+    # an export's drafter settings changed for this evaluation only, e.g. DEER's decoding options:
+    # 'drafter_set={path_search: true, adaptive_length: true}' (a key the drafter lacks is an error naming it)
+    drafter_set: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def at_least_one(name: str, optional: bool) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 
@@ -34,7 +36,11 @@ def _check_target(drafter: Drafter, where: str, target: Target) -> None:
 
 
 def load_drafter(
-    name_or_path: str | Path, target: Target, tree_nodes: int | None = None, merge_adapter: bool = True
+    name_or_path: str | Path,
+    target: Target,
+    tree_nodes: int | None = None,
+    merge_adapter: bool = True,
+    settings: Mapping[str, Any] | None = None,
 ) -> Drafter:
     """A registered kind by name (``ar``, ``ngram``, ``layerskip``, ...: `Drafter.for_target`, then `tune` for a
     kind that searches its settings per target); otherwise `Drafter.from_pretrained` against ``target``.
@@ -42,10 +48,11 @@ def load_drafter(
     ``tree_nodes`` sets the draft size (a tree drafter rebuilds its tree at that size from its measured accuracies).
     An export that carries a target adapter (Medusa-2) has it merged into ``target.model`` for good, so plain
     and speculative decoding both run the adapted target the drafter was trained with; ``merge_adapter=False``
-    leaves that to a later `adapt_target` (to decode with the original target first).
+    leaves that to a later `adapt_target` (to decode with the original target first). ``settings`` replace an
+    export's drafter settings (eval's ``drafter_set``).
     """
     name = str(name_or_path)
-    drafter = _load(name, target)
+    drafter = _load(name, target, settings or {})
     if merge_adapter:
         adapt_target(drafter, target)
     if tree_nodes is not None:
@@ -60,9 +67,14 @@ def tuning_prompts(target: Target) -> list[list[int]]:
     return [template.first_prompt(q.turns[0]) for q in picked]
 
 
-def _load(name: str, target: Target) -> Drafter:
+def _load(name: str, target: Target, settings: Mapping[str, Any]) -> Drafter:
     first, plus, second = name.partition("+")
-    if plus and first in drafter_kinds() and not Path(name).exists():
+    composed = plus and first in drafter_kinds() and not Path(name).exists()
+    if settings and (composed or name in drafter_kinds()):
+        raise DraftsmithError(
+            f"drafter_set changes an export's settings; drafter={name} is not one export: evaluate an export folder"
+        )
+    if composed:
         return _compose(first, second, target)
     if name in drafter_kinds():
         drafter = drafter_class(name).for_target(target)
@@ -72,9 +84,13 @@ def _load(name: str, target: Target) -> Drafter:
         return drafter
     folder = resolve_export(name)
     if is_speculators_checkpoint(folder):  # an EAGLE-3 trained elsewhere (speculators' format)
+        if settings:
+            raise DraftsmithError(f"drafter_set needs a draftsmith export; {name} is a speculators checkpoint")
         return load_speculators(folder, target.model).to(target.device).eval()
     try:
-        drafter = Drafter.from_pretrained(folder, target=target.model, tokenizer_hash=target.identity.tokenizer_hash)
+        drafter = Drafter.from_pretrained(
+            folder, target=target.model, tokenizer_hash=target.identity.tokenizer_hash, settings=settings
+        )
     except FileNotFoundError as err:
         raise DraftsmithError(f"{err}, or a drafter kind: {', '.join(drafter_kinds())}") from None
     except (ValueError, KeyError) as err:  # tokenizer mismatch, unknown kind or option, malformed config
@@ -86,7 +102,7 @@ def _load(name: str, target: Target) -> Drafter:
 
 def _compose(first: str, second: str, target: Target) -> ComposedDrafter:
     """``drafter=FIRST+SECOND``: both parts loaded as ``drafter=`` would load each, merged by `ComposedDrafter`."""
-    parts = [_load(first, target), _load(second, target)]
+    parts = [_load(first, target, {}), _load(second, target, {})]
     if any(carries_adapter(part) for part in parts):
         raise DraftsmithError(
             f"drafter={first}+{second}: a drafter trained with an adapted target (Medusa-2) decodes with that target "

@@ -310,8 +310,12 @@ def test_eval_cli_keys_and_defaults() -> None:
         "out": "outputs/eval",
         "profile": False,
         "refresh": False,
+        "drafter_set": {},
     }
     assert dataclasses.asdict(EvalConfig.from_config(config)) == config
+    with initialize(version_base="1.3", config_path=None):
+        changed = compose("eval", overrides=["drafter_set={path_search: true, length_min: 2}"])
+    assert EvalConfig.from_config(changed).drafter_set == {"path_search": True, "length_min": 2}
 
 
 def test_an_unknown_recipe_from_the_shell_is_one_line_and_exit_2(tmp_path) -> None:

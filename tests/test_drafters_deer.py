@@ -248,6 +248,22 @@ def test_export_loads_without_the_hub_and_drafts_the_same(tmp_path):
     torch.testing.assert_close(loaded.block_logits(tokens, 3), drafter.block_logits(tokens, 3))
 
 
+def test_drafter_set_changes_an_exports_decoding_options(tmp_path):
+    deer(tiny_llama(layers=2, seed=1), draft_len=3).save_pretrained(tmp_path)
+    assert not Drafter.from_pretrained(tmp_path).config.path_search
+    loaded = Drafter.from_pretrained(tmp_path, settings={"path_search": True, "adaptive_length": True})
+    assert loaded.config.path_search and loaded.config.adaptive_length and loaded.config.draft_len == 3
+    with pytest.raises(DraftsmithError, match="unknown deer drafter option.*path_serch"):
+        Drafter.from_pretrained(tmp_path, settings={"path_serch": True})
+
+
+def test_drafter_set_is_for_an_export_only(tiny_target):
+    from draftsmith.eval.loading import load_drafter
+
+    with pytest.raises(DraftsmithError, match="drafter_set changes an export's settings; drafter=ngram is not one"):
+        load_drafter("ngram", tiny_target, settings={"path_search": True})
+
+
 def test_a_pretrained_diffusion_lm_from_a_folder(tmp_path, monkeypatch):
     model = tiny_llama(layers=2, seed=1)
     pretrained = tiny_llama(layers=3, seed=4)  # tied embeddings, as small Qwen models have
