@@ -13,7 +13,7 @@ is not free on a CPU, so long drafts of a poor match cost more than they win.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -88,6 +88,14 @@ class NgramDrafter(Drafter):
             return
         grown = self.limit + 2 if accepted == len(self.feedback.draft) else accepted + 1
         self.limit = max(1, min(self.config.draft_len, grown))
+
+    def set_draft_size(self, nodes: int) -> None:
+        """At most ``nodes`` draft tokens per step: each of the ``branches`` continuations gets an equal share."""
+        self.config.draft_len = max(1, nodes // self.config.branches)
+        self.limit = min(self.limit, self.config.draft_len)
+
+    def draft_shape(self) -> dict[str, Any]:
+        return {"draft_len": self.config.draft_len, "branches": self.config.branches}
 
     def propose(self, state: DecodeState) -> Draft:
         self._adapt(state.tokens)

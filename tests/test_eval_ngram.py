@@ -43,3 +43,11 @@ def test_draft_length_follows_acceptance():
         2,
         5,
     ]
+
+
+def test_a_draft_size_caps_every_branch():
+    drafter = NgramDrafter(NgramConfig(max_n=3, branches=2, adaptive=False))
+    drafter.set_draft_size(5)  # the evaluator's tree_nodes=5: two branches of at most 2 tokens
+    draft = drafter.propose(DecodeState(tokens=torch.tensor([8, 3, 6, 1, 3, 7, 2, 8, 3]), prompt_len=1))
+    assert draft.tokens.tolist() == [6, 1, 7, 2] and draft.parents.tolist() == [-1, 0, -1, 2]
+    assert drafter.draft_shape() == {"draft_len": 2, "branches": 2}
