@@ -258,7 +258,14 @@ class Drafter(nn.Module):
         weights = resolve_export(source, need_config=False) / "model.safetensors"
         if not weights.is_file():
             raise DraftsmithError(f"drafter.init_from={source}: {weights} does not exist")
-        self.load_state_dict(_read_weights(weights, load_file))
+        try:
+            self.load_state_dict(_read_weights(weights, load_file))
+        except RuntimeError as err:  # missing / unexpected keys or shapes: another kind, size or draft vocabulary
+            first = str(err).strip().splitlines()[0]
+            raise DraftsmithError(
+                f"drafter.init_from={source}: its weights do not fit this drafter ({first}); start from an export "
+                "of the same kind and settings (num_heads, draft_vocab, ...)"
+            ) from None
 
     def loss(self, batch: dict[str, torch.Tensor], features: dict[str, Any]) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} is training-free: it has no loss")

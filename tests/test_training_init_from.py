@@ -36,3 +36,8 @@ def test_init_from_faults_are_one_line(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DraftsmithError, match="model.safetensors does not exist"):
         build_drafter({"kind": "medusa", "init_from": str(tmp_path / "empty")}, target)
+    other = MedusaDrafter(MedusaConfig(num_heads=3, tree_nodes=4))
+    other.bind(target.model)
+    other.save_pretrained(tmp_path / "three_heads")
+    with pytest.raises(DraftsmithError, match="its weights do not fit this drafter .*start from an export of the same"):
+        build_drafter({"kind": "medusa", "num_heads": 2, "init_from": str(tmp_path / "three_heads")}, target)
