@@ -332,8 +332,9 @@ def multi_head_loss(
     L_k is cross-entropy on the label tokens, or, with ``target_logits [B, T, V]``, KL(target || head)
     where the target's distribution for token t+k+1 comes from its logits at position t+k.
     The `LossOutput` counts, per head, the labels found at each of the top-``topk`` ranks.
-    With a draft ``vocab``, ``head_logits`` are over its ids: a label outside it counts nowhere (`keep_inside`) and
-    KL compares with the target's distribution renormalised over it.
+    With a draft ``vocab``, ``head_logits`` are over its ids: a label outside it is left out of the loss
+    (`keep_inside`), KL compares with the target's distribution renormalised over it, and it still counts as a
+    position no rank hit (the drafter can never propose it), so accuracies and tau_est stay those of decoding.
     """
     input_ids, loss_mask = batch["input_ids"], batch["loss_mask"].bool()
     inside = batch["attention_mask"].bool()
@@ -345,6 +346,7 @@ def multi_head_loss(
         counted = inside[:, :span] & inside[:, offset:] & loss_mask[:, offset:]
         rows, positions = counted.nonzero(as_tuple=True)
         labels = input_ids[rows, positions + offset]
+        positions_counted = labels.new_tensor(labels.numel(), dtype=torch.float)
         if vocab is not None:
             rows, positions, labels = keep_inside(vocab, rows, positions, labels)
         logits = head_logits(k, rows, positions).float()
@@ -358,5 +360,5 @@ def multi_head_loss(
             term = F.kl_div(F.log_softmax(logits, dim=-1), reference, log_target=True, reduction="batchmean")
         terms.append(decay ** (k - 1) * term)
         hits.append(rank_hits(logits, labels, topk))
-        counts.append(labels.new_tensor(labels.numel(), dtype=torch.float))
+        counts.append(positions_counted)
     return LossOutput(loss=torch.stack(terms).sum(), hits=torch.stack(hits), counts=torch.stack(counts))

@@ -82,16 +82,20 @@ def test_the_recipes_drafter_config_refuses_a_draft_vocab_below_one():
 
 
 def hand_loss(drafter: MedusaDrafter, batch, hidden, target_logits, decay: float):
-    """The per-head loss, hits and counts written out position by position, over the map's rows only."""
+    """The per-head loss and hits written out position by position, over the map's rows only; counts over every
+    counted position (a label outside the map is a miss)."""
     ids = drafter.vocab_map.ids
     head = drafter.borrowed.get("lm_head", hidden.device, hidden.dtype)[ids]
     loss, hits, counts = 0.0, [], []
     for k in range(1, drafter.config.num_heads + 1):
-        terms, head_hits = [], [0] * drafter.config.tree_topk
+        terms, head_hits, positions = [], [0] * drafter.config.tree_topk, 0
         for b, (tokens, inside, written) in enumerate(zip(*(batch[key].tolist() for key in batch))):
             for t in range(len(tokens) - k - 1):
                 label = tokens[t + k + 1]
-                if not (inside[t] and inside[t + k + 1] and written[t + k + 1]) or label not in ids.tolist():
+                if not (inside[t] and inside[t + k + 1] and written[t + k + 1]):
+                    continue
+                positions += 1
+                if label not in ids.tolist():
                     continue
                 logits = head @ drafter.heads.blocks[k - 1](hidden[b, t])
                 draft_label = ids.tolist().index(label)
@@ -105,7 +109,8 @@ def hand_loss(drafter: MedusaDrafter, batch, hidden, target_logits, decay: float
                     head_hits[rank] += 1
         loss += decay ** (k - 1) * torch.stack(terms).mean()
         hits.append(head_hits)
-        counts.append(len(terms))
+        assert positions > len(terms)  # the batch has labels outside the map
+        counts.append(positions)
     return loss, hits, counts
 
 
