@@ -125,7 +125,8 @@ def main() -> None:
         tokens, seconds, steps = step_times(runs[shape])
         measured = tokens / seconds if seconds else 0.0
         tau = tokens / len(steps) if steps else 0.0
-        per_step = predicted_step_s(cost, steps, capacity, draft_s)
+        # plain decoding's steps time a PlainDrafter (about nothing): the learned drafter's cost is not theirs
+        per_step = predicted_step_s(cost, steps, capacity, 0.0 if shape == "plain" else draft_s)
         by_tau = tau / per_step
         cells = [shape, f"{tau:.2f}", f"{measured:.1f}", f"{by_tau:.1f}", f"{measured / by_tau:.2f}"]
         if shape.isdigit() or shape == "plain":
