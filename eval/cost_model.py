@@ -23,8 +23,10 @@ included, so when no draft pays decoding costs what plain decoding costs, plus o
   observed so far (the alpha_k of the reports; a uniform Beta(1, 1) prior on each before any).
 
 Both times are refined online too: t_draft is an exponential average of the drafter's measured time, and
-t_verify the profiled curve times an exponential average of measured over predicted step time (the machine's
-load drifts; the curve's shape is what the profile gives).
+t_verify the profiled curve times two exponential averages of measured over predicted step time: one over every
+step (the machine's load drifts; it moves the whole curve) and, for each verified size seen, that size's own
+ratio to the first (a profile taken in isolation can misjudge what a size costs inside real decoding: 2 rows
+profiled as cheap as 1 may cost more once a drafter runs between the steps).
 """
 
 from __future__ import annotations
@@ -255,6 +257,7 @@ class DraftShaper:
         self.position_offered = [0] * self.max_nodes
         self.draft_s = drafter_s
         self.scale = 1.0
+        self.size_scale: dict[int, float] = {}  # verified rows -> their measured / (profiled x scale), once seen
         self.capacity = 0
         self.curve: list[float] = []  # t_verify(n + 1) at self.capacity for every size n: a cache grows rarely
         self.planned = 0
@@ -282,7 +285,7 @@ class DraftShaper:
     def step_cost(self, nodes: int) -> float:
         """Predicted seconds of a step drafting ``nodes`` nodes (0 = plain: no drafter call)."""
         drafting = (self.draft_s or 0.0) if nodes > 0 else 0.0
-        return drafting + self.scale * self.verify_s(nodes + 1)
+        return drafting + self.scale * self.size_scale.get(nodes + 1, 1.0) * self.verify_s(nodes + 1)
 
     def best_size(self, drafting: bool = False) -> int:
         """The size with the highest expected tokens per second (the smaller on a tie); ``drafting``: n > 0 only."""
@@ -310,8 +313,10 @@ class DraftShaper:
         return nodes
 
     def observe(self, verdict: Verdict, record: StepRecord) -> None:
-        predicted = self.verify_s(record.rows)
-        self.scale += SMOOTHING * (record.verify_s / predicted - self.scale)
+        measured = record.verify_s / self.verify_s(record.rows)
+        self.scale += SMOOTHING * (measured - self.scale)
+        size = self.size_scale.get(record.rows, measured / self.scale)
+        self.size_scale[record.rows] = size + SMOOTHING * (measured / self.scale - size)
         if self.planned == 0:
             return
         if self.draft_s is None:
@@ -342,6 +347,7 @@ class DraftShaper:
             "plain_step_share": self.chosen[0] / steps if steps else None,
             "drafter_ms": None if self.draft_s is None else 1000 * self.draft_s,
             "verify_scale": self.scale,
+            "size_scale": {str(rows): round(value, 3) for rows, value in sorted(self.size_scale.items())},
             "cost_model": {
                 **self.cost.key,
                 "file": None if path is None else str(path),

@@ -167,7 +167,8 @@ def test_a_drafter_without_an_acceptance_model_is_cut_by_its_observed_node_accep
     assert shaper.plan(100) == 2  # the uniform prior: alpha_k = 1/2
     for _ in range(40):
         nodes = shaper.plan(100)
-        shaper.observe(Verdict(path=[0], bonus=0, offered=2), step(min(nodes, 4) + 1, accepted=1))
+        rows = min(nodes, 4) + 1
+        shaper.observe(Verdict(path=[0], bonus=0, offered=2), step(rows, accepted=1, verify_s=0.05 * linear[rows - 1]))
     assert shaper.plan(100) == 1  # the first node is always right, the rest never
 
 
@@ -323,3 +324,14 @@ def test_plain_steps_between_drafts_keep_incremental_drafters_lossless():
         assert decoder.generate(prompt, amphista, 30, planner=ScriptedPlanner([0, 0, 5, 0, 12, 2])).tokens == plain
         assert any(s.rows == 1 and s.draft_s == 0 for s in steps)
     assert any(s.accepted for s in steps), "the comparison must exercise acceptance after plain steps"
+
+
+def test_a_size_the_profile_made_too_cheap_is_priced_as_measured():
+    shaper = DraftShaper(medusa(tiny_llama(), rank_acc=[[0.3, 0.05, 0.01]] * 3), cost_of([1.0] * len(ROWS)))
+    shaper.plan(100)  # the profile: every size costs one plain step, 0.05 s
+    for _ in range(80):  # in real decoding a plain step costs 0.05 s and a one-node draft's step 0.075 s
+        shaper.observe(Verdict(path=[], bonus=0, offered=1), step(2, verify_s=0.075))
+        shaper.observe(Verdict(path=[], bonus=0, offered=0), step(1, verify_s=0.05))
+    assert shaper.step_cost(0) == pytest.approx(0.05, rel=0.05)
+    assert shaper.step_cost(1) == pytest.approx(0.075, rel=0.05)
+    assert shaper.step_cost(3) == pytest.approx(0.05 * shaper.scale)  # a size never seen: the drift alone
