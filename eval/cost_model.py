@@ -9,7 +9,8 @@ under ``<cache>/cost/``. A drafter's own cost per proposal is measured the same 
 
 Shape. `DraftShaper` picks, before every step, the draft size n that maximises expected tokens per second,
 ``E[appended | n] / (t_draft [n > 0] + t_verify(n + 1))``, n = 0 (a plain step: the drafter is not even asked)
-included, so when no draft pays decoding costs what plain decoding costs, plus one probe every
+included (a draft only when it promises `DRAFT_MARGIN` more than a plain step: the predictions' own error),
+so when no draft pays decoding costs what plain decoding costs, plus one probe every
 `PROBE_EVERY` plain steps that keeps the acceptance estimate current. E comes from:
 
 - a drafter with a trained acceptance model (`AdaptiveTree`: Medusa, Amphista, ParallelSpec): Sequoia-style
@@ -56,6 +57,10 @@ PROFILE_REPEATS = 7
 PROBE_EVERY = 64  # plain steps between two probes of the best draft, when no draft pays
 REPLAN_EVERY = 8  # steps between two recomputations of E[appended | n] from the refined acceptance
 SMOOTHING = 0.1  # weight of the newest measurement in the online time estimates
+# A draft must promise this much more than a plain step: predicted tokens/s of drafted shapes ran 4-20% above the
+# measured ones on a 2-core CPU (`make bench-cost`), so a draft predicted to win by less is a coin toss that
+# costs its drafter's time.
+DRAFT_MARGIN = 1.05
 COST_FORMAT = "draftsmith-cost"
 
 
@@ -288,9 +293,15 @@ class DraftShaper:
         return drafting + self.scale * self.size_scale.get(nodes + 1, 1.0) * self.verify_s(nodes + 1)
 
     def best_size(self, drafting: bool = False) -> int:
-        """The size with the highest expected tokens per second (the smaller on a tie); ``drafting``: n > 0 only."""
-        sizes = range(1 if drafting else 0, len(self.expected))
-        return max(sizes, key=lambda n: (self.expected[n] / self.step_cost(n), -n), default=0)
+        """The size with the highest expected tokens per second (the smaller on a tie), 0 unless it beats a plain
+        step by `DRAFT_MARGIN`; ``drafting``: n > 0 only."""
+        def rate(n: int) -> float:
+            return self.expected[n] / self.step_cost(n)
+
+        best = max(range(1, len(self.expected)), key=lambda n: (rate(n), -n), default=0)
+        if drafting or best == 0:
+            return best
+        return best if rate(best) > DRAFT_MARGIN * rate(0) else 0
 
     def plan(self, capacity: int) -> int:
         if self.replan_in <= 0:

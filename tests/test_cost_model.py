@@ -21,7 +21,15 @@ from draftsmith.drafters.trees import layout
 from draftsmith.eval import cost_model, engine
 from draftsmith.eval.acceptance import Verdict
 from draftsmith.eval.config import EvalConfig
-from draftsmith.eval.cost_model import CostModel, DraftShaper, load_cost, measured_cost, profile_target, save_cost
+from draftsmith.eval.cost_model import (
+    DRAFT_MARGIN,
+    CostModel,
+    DraftShaper,
+    load_cost,
+    measured_cost,
+    profile_target,
+    save_cost,
+)
 from draftsmith.eval.engine import SpeculativeDecoder, StepRecord
 from draftsmith.eval.summary import summarize
 from draftsmith.eval.testing import assert_lossless_greedy
@@ -335,3 +343,11 @@ def test_a_size_the_profile_made_too_cheap_is_priced_as_measured():
     assert shaper.step_cost(0) == pytest.approx(0.05, rel=0.05)
     assert shaper.step_cost(1) == pytest.approx(0.075, rel=0.05)
     assert shaper.step_cost(3) == pytest.approx(0.05 * shaper.scale)  # a size never seen: the drift alone
+
+
+@pytest.mark.parametrize(("gain", "drafts"), [(1.03, False), (1.10, True)])
+def test_a_draft_must_beat_a_plain_step_by_the_margin(gain, drafts):
+    # the uniform prior gives a one-node chain E = 1.5; the drafter's time makes its step 1.5 / gain plain steps
+    steep = [1.0, 1.0, *[5.0] * (len(ROWS) - 2)]  # only one-node drafts are worth pricing
+    shaper = DraftShaper(NgramDrafter(), cost_of(steep), drafter_s=0.05 * (1.5 / gain - 1.0))
+    assert (shaper.plan(100) == 1) is drafts and DRAFT_MARGIN == 1.05
