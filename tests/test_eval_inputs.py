@@ -100,9 +100,9 @@ def test_training_free_names_resolve():
     assert load_drafter("ngram", fake_target()).config.kind == "ngram"
 
 
-def test_tree_nodes_only_for_tree_drafters():
-    with pytest.raises(DraftsmithError, match="'ngram' has no draft size to set"):
-        load_drafter("ngram", fake_target(), tree_nodes=5)
+def test_tree_nodes_only_for_drafters_that_draft():
+    with pytest.raises(DraftsmithError, match="'ar' has no draft size to set"):
+        load_drafter("ar", fake_target(), tree_nodes=5)
 
 
 def test_bad_settings():
